@@ -1,0 +1,3 @@
+from imagefs.cli import main
+
+raise SystemExit(main())

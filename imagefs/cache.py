@@ -1,0 +1,198 @@
+"""The local LMDB cache: data chunks under a hard size cap with LRU eviction.
+
+One environment per cache dir (py-lmdb's rule: one Environment per path per process).
+Named databases:
+  chunks  chunk key -> header + data      header = magic, crc32, length
+  cmeta   chunk key -> last-use sequence number + size
+  lru     sequence number + chunk key -> ''   (oldest first: the eviction order)
+  meta    bookkeeping (total cached bytes, next sequence number)
+Other modules (the catalog index) open their own named databases in the same env.
+
+Every method blocks; the daemon calls them from worker threads, writes under a
+capacity limiter of one. A damaged entry is a miss, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"IFC1"
+_HEADER = struct.Struct(">4sII")
+_SEQ = struct.Struct(">Q")
+_CMETA = struct.Struct(">QQ")
+LOW_WATER = 0.9  # evict down to this fraction of the cap, so eviction runs in batches
+_CATALOG_ALLOWANCE = 2 << 30
+
+
+def open_environment(path: Path, cache_size: int) -> lmdb.Environment:
+    """Open (or recreate, if damaged) the cache's LMDB environment.
+
+    The cache is disposable: the store is the truth, so a damaged environment is
+    wiped and started again rather than failing the mount.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    map_size = cache_size + max(cache_size // 4, 256 << 20) + _CATALOG_ALLOWANCE
+    kwargs = dict(map_size=map_size, max_dbs=16, subdir=True, readahead=False,
+                  sync=False, metasync=False, max_readers=512, lock=True)
+    try:
+        return lmdb.open(str(path / "lmdb"), **kwargs)
+    except lmdb.Error as exc:
+        log.error("cache at %s is damaged (%s); starting with an empty cache", path, exc)
+        shutil.rmtree(path / "lmdb", ignore_errors=True)
+        return lmdb.open(str(path / "lmdb"), **kwargs)
+
+
+def chunk_key(image_id: str, os_hash_value: str, chunk_size: int, index: int) -> bytes:
+    """Identity and checksum of the image, the chunk geometry, and the chunk number."""
+    return (bytes.fromhex(image_id.replace("-", "")) + bytes.fromhex(os_hash_value[:16])
+            + struct.pack(">IQ", chunk_size, index))
+
+
+class ChunkCache:
+    def __init__(self, env: lmdb.Environment, cap: int) -> None:
+        self.env = env
+        self.cap = cap
+        self._chunks = env.open_db(b"chunks")
+        self._cmeta = env.open_db(b"cmeta")
+        self._lru = env.open_db(b"lru")
+        self._meta = env.open_db(b"meta")
+        self._touched: set[bytes] = set()
+        self._touched_lock = threading.Lock()
+        self.evicted_bytes = 0
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        """The cached chunk, or None. Damaged entries are reported and then ignored."""
+        with self.env.begin(db=self._chunks, buffers=True) as txn:
+            raw = txn.get(key)
+            if raw is None:
+                return None
+            data = self._unwrap(raw)
+        if data is None:
+            log.error("cache entry %s is damaged; it will be refetched", key.hex())
+            self.discard(key)
+            return None
+        with self._touched_lock:
+            self._touched.add(key)
+        return data
+
+    @staticmethod
+    def _unwrap(raw: memoryview) -> bytes | None:
+        if len(raw) < _HEADER.size:
+            return None
+        magic, crc, length = _HEADER.unpack_from(raw)
+        body = bytes(raw[_HEADER.size:])
+        if magic != _MAGIC or length != len(body) or zlib.crc32(body) != crc:
+            return None
+        return body
+
+    def total_bytes(self) -> int:
+        with self.env.begin(db=self._meta) as txn:
+            return self._read_counter(txn, b"total")
+
+    def entry_count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self._chunks)["entries"]
+
+    # -- writes -------------------------------------------------------------------------
+
+    def put(self, key: bytes, data: bytes) -> None:
+        """Cache one chunk, evicting the least recently used ones to stay under the cap."""
+        if len(data) > self.cap:
+            return
+        value = _HEADER.pack(_MAGIC, zlib.crc32(data), len(data)) + data
+        try:
+            self._put(key, value, len(data))
+        except lmdb.MapFullError:
+            log.warning("cache file is full; evicting harder")
+            with self.env.begin(write=True) as txn:
+                self._evict(txn, self.cap // 2)
+            self._put(key, value, len(data))
+
+    def _put(self, key: bytes, value: bytes, size: int) -> None:
+        with self.env.begin(write=True) as txn:
+            total = self._read_counter(txn, b"total")
+            old = txn.get(key, db=self._cmeta)
+            if old is not None:
+                old_seq, old_size = _CMETA.unpack(old)
+                txn.delete(_SEQ.pack(old_seq) + key, db=self._lru)
+                total -= old_size
+            seq = self._next_seq(txn)
+            txn.put(key, value, db=self._chunks)
+            txn.put(key, _CMETA.pack(seq, size), db=self._cmeta)
+            txn.put(_SEQ.pack(seq) + key, b"", db=self._lru)
+            total += size
+            txn.put(b"total", _SEQ.pack(total), db=self._meta)
+            if total > self.cap:
+                self._evict(txn, int(self.cap * LOW_WATER))
+
+    def discard(self, key: bytes) -> None:
+        with self.env.begin(write=True) as txn:
+            self._remove(txn, key)
+
+    def flush_touches(self) -> None:
+        """Move recently read chunks to the young end of the LRU order, in one write.
+
+        Reads only note the key; doing the write per read would serialise all readers
+        behind LMDB's single writer.
+        """
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
+        if not touched:
+            return
+        with self.env.begin(write=True) as txn:
+            for key in touched:
+                old = txn.get(key, db=self._cmeta)
+                if old is None:
+                    continue
+                old_seq, size = _CMETA.unpack(old)
+                seq = self._next_seq(txn)
+                txn.delete(_SEQ.pack(old_seq) + key, db=self._lru)
+                txn.put(_SEQ.pack(seq) + key, b"", db=self._lru)
+                txn.put(key, _CMETA.pack(seq, size), db=self._cmeta)
+
+    def _evict(self, txn: lmdb.Transaction, target: int) -> None:
+        total = self._read_counter(txn, b"total")
+        cursor = txn.cursor(db=self._lru)
+        victims = []
+        if cursor.first():
+            for lru_key in cursor.iternext(values=False):
+                if total <= target:
+                    break
+                key = bytes(lru_key[_SEQ.size:])
+                meta = txn.get(key, db=self._cmeta)
+                total -= _CMETA.unpack(meta)[1] if meta else 0
+                victims.append(key)
+        for key in victims:
+            self.evicted_bytes += self._remove(txn, key)
+
+    def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
+        meta = txn.get(key, db=self._cmeta)
+        txn.delete(key, db=self._chunks)
+        if meta is None:
+            return 0
+        seq, size = _CMETA.unpack(meta)
+        txn.delete(key, db=self._cmeta)
+        txn.delete(_SEQ.pack(seq) + key, db=self._lru)
+        total = self._read_counter(txn, b"total") - size
+        txn.put(b"total", _SEQ.pack(max(total, 0)), db=self._meta)
+        return size
+
+    def _next_seq(self, txn: lmdb.Transaction) -> int:
+        seq = self._read_counter(txn, b"seq") + 1
+        txn.put(b"seq", _SEQ.pack(seq), db=self._meta)
+        return seq
+
+    def _read_counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        raw = txn.get(name, db=self._meta)
+        return _SEQ.unpack(raw)[0] if raw else 0

@@ -1,0 +1,296 @@
+"""The `imagefs` command line: image administration, mount and umount.
+
+The CLI talks to the store directly and acts as an admin. Every failure a user can cause
+ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from imagefs import __version__
+from imagefs.catalog import CatalogStore
+from imagefs.config import Settings, load_settings, parse_size
+from imagefs.errors import ImagefsError, InvalidValue
+from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, VISIBILITIES, ImageRecord,
+                             validate_property)
+from imagefs.stores import open_store
+
+log = logging.getLogger("imagefs")
+
+EPILOG = """\
+Settings come from a TOML file (--config, $IMAGEFS_CONFIG, or /etc/imagefs/imagefs.toml);
+flags override it. S3 credentials and endpoint follow boto3's standard chain
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, ...) unless the
+config's [s3] table sets them. See docs/guide.md for examples.
+"""
+
+
+def _property(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return validate_property(key, value)
+    except InvalidValue as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file to read")
+    parser.add_argument("--store", metavar="URL",
+                        help="file:///DIR or s3://BUCKET[/PREFIX] (config: store)")
+    parser.add_argument("--endpoint-url", metavar="URL",
+                        help="S3 endpoint for non-AWS servers (config: [s3] endpoint_url)")
+    parser.add_argument("--debug", action="store_true", help="log debug details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagefs", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A Glance-style image catalog served as a FUSE filesystem.")
+    parser.add_argument("--version", action="version", version=f"imagefs {__version__}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    image = top.add_parser("image", help="create, list, show, change and delete images")
+    verbs = image.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    create = verbs.add_parser(
+        "create", help="upload a local file as a new image; prints its id",
+        description="Upload FILE as a new active image. The format is detected (and "
+                    "checked for safety, as Glance does) unless --disk-format is given; "
+                    "md5, sha512 and per-block hashes are computed while streaming.")
+    _add_common(create)
+    create.add_argument("file", metavar="FILE")
+    create.add_argument("--project", required=True, help="owner project")
+    create.add_argument("--name", help="image name (default: the file name)")
+    create.add_argument("--visibility", choices=VISIBILITIES, default="private")
+    create.add_argument("--disk-format", choices=DISK_FORMATS,
+                        help="declared format; refused if the data is something else")
+    create.add_argument("--container-format", choices=CONTAINER_FORMATS, default="bare")
+    create.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
+    create.add_argument("--property", action="append", default=[], type=_property,
+                        metavar="KEY=VALUE", help="custom property (repeatable)")
+    create.add_argument("--min-disk", type=int, default=0, metavar="GB")
+    create.add_argument("--min-ram", type=int, default=0, metavar="MB")
+    create.add_argument("--protected", action="store_true", help="refuse deletion")
+    create.add_argument("--json", action="store_true", help="print the image as Glance JSON")
+
+    lister = verbs.add_parser("list", help="list images (all projects unless --project)")
+    _add_common(lister)
+    lister.add_argument("--project", help="only images owned by this project")
+    lister.add_argument("--json", action="store_true", help="print a JSON array of images")
+
+    show = verbs.add_parser("show", help="show one image")
+    _add_common(show)
+    show.add_argument("image_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the image as Glance JSON")
+
+    delete = verbs.add_parser("delete", help="delete an image (protected images refuse)")
+    _add_common(delete)
+    delete.add_argument("image_id", metavar="ID")
+
+    setter = verbs.add_parser("set", help="change an image's metadata")
+    _add_common(setter)
+    setter.add_argument("image_id", metavar="ID")
+    setter.add_argument("--name")
+    setter.add_argument("--visibility", choices=VISIBILITIES)
+    setter.add_argument("--min-disk", type=int, metavar="GB")
+    setter.add_argument("--min-ram", type=int, metavar="MB")
+    prot = setter.add_mutually_exclusive_group()
+    prot.add_argument("--protected", dest="protected", action="store_true", default=None)
+    prot.add_argument("--unprotected", dest="protected", action="store_false")
+    setter.add_argument("--property", action="append", default=[], type=_property,
+                        metavar="KEY=VALUE", help="set a custom property (repeatable)")
+    setter.add_argument("--remove-property", action="append", default=[], metavar="KEY")
+    setter.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
+    setter.add_argument("--remove-tag", action="append", default=[], metavar="TAG")
+    setter.add_argument("--json", action="store_true", help="print the image as Glance JSON")
+
+    mount = top.add_parser(
+        "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mount the image catalog at MOUNTPOINT. Returns once the mount is "
+                    "ready (the daemon keeps running) unless --foreground.",
+        epilog="--allow-other: until per-caller access control lands, every local user can "
+               "read every image through an --allow-other mount.")
+    _add_common(mount)
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--cache-dir", metavar="DIR",
+                       help="LMDB cache directory (default: /var/cache/imagefs/<store hash>)")
+    mount.add_argument("--cache-size", metavar="SIZE",
+                       help="hard cap of cached data, e.g. 512M, 10G (default 10G)")
+    mount.add_argument("--foreground", action="store_true", default=None,
+                       help="stay in the foreground and log to stderr")
+    mount.add_argument("--allow-other", action="store_true", default=None,
+                       help="let other local users use the mount (see below)")
+    mount.add_argument("--log-file", metavar="FILE",
+                       help="daemon log (default: imagefs.log in the cache dir)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = top.add_parser("umount", help="unmount a mounted catalog")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument("--lazy", action="store_true", help="detach even if busy")
+    umount.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "store": getattr(args, "store", None),
+        "cache_dir": getattr(args, "cache_dir", None),
+        "cache_size": getattr(args, "cache_size", None),
+        "foreground": getattr(args, "foreground", None),
+        "allow_other": getattr(args, "allow_other", None),
+        "log_file": getattr(args, "log_file", None),
+    }
+    if getattr(args, "endpoint_url", None):
+        overrides["s3"] = {"endpoint_url": args.endpoint_url}
+    settings = load_settings(getattr(args, "config", None), overrides)
+    if getattr(args, "debug", False):
+        settings.log_level = "DEBUG"
+    if not settings.store:
+        raise InvalidValue("no store given: pass --store file:///DIR or s3://BUCKET/PREFIX "
+                           "(or set store in the config file)")
+    return settings
+
+
+def _catalog(settings: Settings) -> CatalogStore:
+    store = open_store(settings.store or "", settings.s3)
+    store.check()
+    return CatalogStore(store)
+
+
+def _print_image(record: ImageRecord, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record.glance_json(), indent=2, sort_keys=True))
+        return
+    width = max(len(k) for k in record.metadata_items())
+    for key, value in sorted(record.metadata_items().items()):
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_image_create(args: argparse.Namespace) -> int:
+    from imagefs.pipeline import upload_image
+    from imagefs.progress import progress_bar
+
+    settings = _settings(args)
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidValue(f"{path}: no such file")
+    record = ImageRecord.new(
+        owner=args.project, name=args.name if args.name is not None else path.name,
+        visibility=args.visibility, disk_format=args.disk_format,
+        container_format=args.container_format, tags=args.tag,
+        properties=dict(args.property), min_disk=args.min_disk, min_ram=args.min_ram,
+        protected=args.protected, status="saving")
+    catalog = _catalog(settings)
+    try:
+        source = open(path, "rb")
+    except OSError as exc:
+        raise InvalidValue(f"{path}: {exc.strerror}") from None
+    with source, progress_bar(path.stat().st_size, f"upload {path.name}") as advance:
+        manifest = upload_image(catalog.store, source, record, settings.block_size, advance)
+    if args.json:
+        _print_image(manifest.record, True)
+    else:
+        print(manifest.record.id)
+    return 0
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    manifests = _catalog(_settings(args)).load_all()
+    records = sorted((m.record for m in manifests if not args.project
+                      or m.record.owner == args.project),
+                     key=lambda r: (r.owner, r.name or "", r.created_at))
+    if args.json:
+        print(json.dumps([r.glance_json() for r in records], indent=2, sort_keys=True))
+        return 0
+    rows = [("ID", "NAME", "FORMAT", "SIZE", "VISIBILITY", "OWNER", "STATUS")]
+    rows += [(r.id, r.name or "", r.disk_format or "", str(r.size or 0), r.visibility,
+              r.owner, r.status) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_image_show(args: argparse.Namespace) -> int:
+    _print_image(_catalog(_settings(args)).load(args.image_id).record, args.json)
+    return 0
+
+
+def cmd_image_delete(args: argparse.Namespace) -> int:
+    catalog = _catalog(_settings(args))
+    if catalog.load(args.image_id).record.protected:
+        raise InvalidValue(f"image {args.image_id} is protected; unprotect it first "
+                           f"(imagefs image set {args.image_id} --unprotected)")
+    catalog.delete(args.image_id)
+    return 0
+
+
+def cmd_image_set(args: argparse.Namespace) -> int:
+    catalog = _catalog(_settings(args))
+    manifest = catalog.load(args.image_id)
+    record = manifest.record
+    for field in ("name", "visibility", "min_disk", "min_ram", "protected"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(record, field, value)
+    record.properties.update(dict(args.property))
+    for key in args.remove_property:
+        if key not in record.properties:
+            raise InvalidValue(f"image {record.id} has no property {key!r}")
+        del record.properties[key]
+    record.tags = [t for t in record.tags if t not in args.remove_tag] + args.tag
+    catalog.save(manifest)
+    if args.json:
+        _print_image(record, True)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from imagefs.mount import mount
+
+    return mount(_settings(args), Path(args.mountpoint), args.ready_fd)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from imagefs.mount import umount
+
+    return umount(Path(args.mountpoint), args.lazy)
+
+
+COMMANDS = {
+    ("image", "create"): cmd_image_create, ("image", "list"): cmd_image_list,
+    ("image", "show"): cmd_image_show, ("image", "delete"): cmd_image_delete,
+    ("image", "set"): cmd_image_set, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="imagefs: %(levelname)s: %(message)s")
+    handler = COMMANDS[(args.command, getattr(args, "verb", None))]
+    try:
+        return handler(args)
+    except ImagefsError as exc:
+        print(f"imagefs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imagefs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        log.debug("unexpected failure", exc_info=True)
+        print(f"imagefs: unexpected error: {exc!r} (run again with --debug for details)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,122 @@
+"""Settings: defaults, the TOML config file, and command-line overrides (in that order)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from imagefs.errors import InvalidValue
+
+DEFAULT_CONFIG = Path("/etc/imagefs/imagefs.toml")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """'512M', '10G', '4096' -> bytes (binary units, as `du -h` and qemu-img use)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidValue(f"size must not be negative: {value}")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise InvalidValue(f"invalid size {value!r}: use a number with an optional unit, "
+                           "e.g. 512M or 10G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+@dataclasses.dataclass
+class S3Settings:
+    """Anything left None falls back to boto3's standard chain (env, profiles, IMDS)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "path"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    profile: str | None = None
+    max_connections: int = 16
+    part_size: int = 16 << 20
+
+
+@dataclasses.dataclass
+class Settings:
+    store: str | None = None
+    cache_dir: Path | None = None
+    cache_size: int = 10 << 30
+    chunk_size: int = 4 << 20
+    block_size: int = 1 << 20
+    memory_cache: int = 128 << 20
+    prefetch_max: int = 64 << 20
+    refresh_interval: float = 10.0
+    entry_timeout: float = 1.0
+    allow_other: bool = False
+    foreground: bool = False
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    projects: list[str] = dataclasses.field(default_factory=list)
+    s3: S3Settings = dataclasses.field(default_factory=S3Settings)
+
+    def effective_cache_dir(self) -> Path:
+        """The cache dir, defaulting to one per store so two catalogs never share one."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        import hashlib
+        tag = hashlib.sha256((self.store or "").encode()).hexdigest()[:12]
+        base = Path("/var/cache/imagefs") if os.geteuid() == 0 else \
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagefs"
+        return base / tag
+
+
+_SIZE_KEYS = {"cache_size", "chunk_size", "block_size", "memory_cache", "prefetch_max"}
+
+
+def _apply(target: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise InvalidValue(f"{where}: unknown setting {key!r}")
+        if key == "s3":
+            if not isinstance(value, dict):
+                raise InvalidValue(f"{where}: [s3] must be a table")
+            _apply(target.s3, value, f"{where} [s3]")
+            continue
+        if key in _SIZE_KEYS or key == "part_size":
+            value = parse_size(value)
+        elif key in ("cache_dir", "log_file") and value is not None:
+            value = Path(value)
+        setattr(target, key, value)
+
+
+def config_path(explicit: str | None) -> Path | None:
+    """--config, else $IMAGEFS_CONFIG, else /etc/imagefs/imagefs.toml if it exists."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("IMAGEFS_CONFIG"):
+        return Path(os.environ["IMAGEFS_CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def load_settings(explicit_config: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    settings = Settings()
+    path = config_path(explicit_config)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise InvalidValue(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidValue(f"config file {path} is not valid TOML: {exc}") from None
+        _apply(settings, data, str(path))
+    _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
+    if settings.block_size <= 0 or settings.chunk_size % settings.block_size:
+        raise InvalidValue(f"chunk_size ({settings.chunk_size}) must be a multiple of "
+                           f"block_size ({settings.block_size})")
+    return settings

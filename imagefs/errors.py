@@ -1,0 +1,78 @@
+"""Domain exceptions, and the one table that maps them to errno at the FUSE edge."""
+
+from __future__ import annotations
+
+import errno
+
+
+class ImagefsError(Exception):
+    """Base of every error imagefs raises on purpose; the message is for an operator."""
+
+    errno = errno.EIO
+
+
+class InvalidValue(ImagefsError, ValueError):
+    """A field, property or option value that Glance would refuse."""
+
+    errno = errno.EINVAL
+
+
+class ReadOnlyField(ImagefsError):
+    """A catalog field that cannot be changed after creation (id, checksum, size, ...)."""
+
+    errno = errno.EPERM
+
+
+class ImageNotFound(ImagefsError):
+    errno = errno.ENOENT
+
+
+class StoreError(ImagefsError):
+    """The store answered, but not with what we need (missing object, bad manifest)."""
+
+    errno = errno.EIO
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached, or keeps failing after retries."""
+
+
+class StoreAccessDenied(StoreError):
+    """Credentials are missing or wrong, or the bucket refuses us."""
+
+    errno = errno.EACCES
+
+
+class StoreNotFound(StoreError):
+    """The store location (bucket, directory) does not exist."""
+
+    errno = errno.ENOENT
+
+
+class ObjectNotFound(StoreError):
+    """One object is missing from an otherwise reachable store."""
+
+
+class ManifestDamaged(StoreError):
+    """A manifest or block table that does not decode or does not match."""
+
+
+class ChunkCorrupted(ImagefsError):
+    """Data did not match the hash recorded at upload; never returned to a reader."""
+
+    errno = errno.EIO
+
+
+class UnsafeImage(InvalidValue):
+    """The format inspector refused the data (backing file, data file, bad format...)."""
+
+
+class QuotaExceeded(ImagefsError):
+    errno = errno.ENOSPC
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a FUSE caller sees for `exc`; unknown failures are EIO."""
+    if isinstance(exc, ImagefsError):
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,78 @@
+"""Format detection and safety checks, behind one module.
+
+Uses oslo.utils' format_inspector: the inspector Glance and Nova run, so imagefs gets
+their security fixes (backing files, data files, vmdk extents, ...) without a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import IO
+
+from oslo_utils.imageutils import format_inspector as fi
+
+from imagefs.errors import UnsafeImage
+
+log = logging.getLogger(__name__)
+logging.getLogger("oslo_utils.imageutils.format_inspector").setLevel(logging.ERROR)
+
+# Inspector names that Glance stores under another disk_format.
+_GLANCE_FORMAT = {"gpt": "raw"}
+# Formats Glance will not take at all.
+_REFUSED = {"qed": "qed images are refused, as Glance refuses them (convert with "
+                   "qemu-img convert -O qcow2)",
+            "luks": "luks is not a Glance disk format"}
+# Declared formats no inspector can recognise; their data passes as raw.
+_OPAQUE = {"ami", "ari", "aki", "ploop"}
+
+
+@dataclass(frozen=True)
+class Detected:
+    disk_format: str
+    virtual_size: int | None
+
+
+class FormatDetector:
+    """Reads through a stream, inspecting as it goes, so data is read once."""
+
+    def __init__(self, source: IO[bytes], declared_format: str | None = None) -> None:
+        self._declared = declared_format
+        self._wrapper = fi.InspectWrapper(source)
+
+    def read(self, size: int) -> bytes:
+        return self._wrapper.read(size)
+
+    def finish(self) -> Detected:
+        """Decide after the last read; raise UnsafeImage with a reason and a remedy."""
+        self._wrapper.close()
+        matches = self._wrapper.formats or []
+        names = sorted(str(m) for m in matches)
+        if len(matches) > 1 and "iso" in names:
+            matches = [m for m in matches if str(m) == "iso"]  # bootable ISOs carry an MBR
+        if len(matches) != 1:
+            raise UnsafeImage(f"the data looks like several formats at once ({', '.join(names)})"
+                              "; refusing it, as Glance does")
+        inspector = matches[0]
+        name = str(inspector)
+        if name in _REFUSED:
+            raise UnsafeImage(_REFUSED[name])
+        try:
+            inspector.safety_check()
+        except fi.SafetyCheckFailed as exc:
+            reasons = "; ".join(f"{k}: {v}" for k, v in exc.failures.items())
+            raise UnsafeImage(f"{name} image failed Glance's safety checks ({reasons}); "
+                              "flatten it first (qemu-img convert -O qcow2 SRC DST)") from None
+        except fi.ImageFormatError as exc:
+            raise UnsafeImage(f"cannot verify the {name} image: {exc}") from None
+        disk_format = _GLANCE_FORMAT.get(name, name)
+        declared = self._declared
+        if declared and declared != disk_format and not (
+                declared in _OPAQUE and disk_format == "raw"):
+            raise UnsafeImage(f"declared disk format {declared} does not match the data, "
+                              f"which is {disk_format}")
+        try:
+            virtual_size = int(inspector.virtual_size)
+        except Exception:  # some formats cannot tell; Glance leaves it null
+            virtual_size = None
+        return Detected(declared or disk_format, virtual_size)

@@ -1,0 +1,176 @@
+"""Path <-> image, per caller: what each folder of the mount holds (ARCHITECTURE.md).
+
+Pure logic over a catalog snapshot, with no FUSE in it. Folder contents are computed
+for a caller's view and cached per (catalog generation, view key, folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from imagefs.access import AccessPolicy, Caller
+from imagefs.catalog import Snapshot
+from imagefs.naming import assign_names, clean_component
+from imagefs.records import ImageRecord
+
+ROOT_INODE = 1
+_DIR_BIT = 1 << 60
+_FILE_BIT = 1 << 61
+Path = tuple[str, ...]
+
+TOP_FOLDERS = ("by-id", "community", "projects", "public", "tags")
+VISIBILITY_FOLDERS = ("private", "shared", "community", "public")
+MEMBER_FOLDERS = {"shared-with-me": "accepted", "invitations": "pending"}
+PROJECT_FOLDERS = VISIBILITY_FOLDERS + tuple(MEMBER_FOLDERS)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A folder (path set) or an image file (image_id set)."""
+
+    inode: int
+    path: Path | None = None
+    image_id: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.path is not None
+
+
+def dir_inode(path: Path) -> int:
+    """Stable across remounts and hosts: derived from the path alone."""
+    if not path:
+        return ROOT_INODE
+    digest = hashlib.blake2b("\0".join(path).encode("utf-8", "surrogateescape"),
+                             digest_size=8).digest()
+    return _DIR_BIT | (int.from_bytes(digest, "big") & (_DIR_BIT - 1))
+
+
+def file_inode(image_id: str) -> int:
+    """Stable across remounts and hosts: derived from the image id alone."""
+    return _FILE_BIT | ((uuid.UUID(image_id).int >> 64) & (_FILE_BIT - 1))
+
+
+def _dir(path: Path) -> Entry:
+    return Entry(dir_inode(path), path=path)
+
+
+def _file(image: ImageRecord) -> Entry:
+    return Entry(file_inode(image.id), image_id=image.id)
+
+
+class Namespace:
+    def __init__(self, snapshot: Callable[[], Snapshot], policy: AccessPolicy,
+                 configured_projects: Iterable[str] = (), cache_entries: int = 512) -> None:
+        self._snapshot = snapshot
+        self.policy = policy
+        self._configured = tuple(configured_projects)
+        self._listings: OrderedDict[tuple, dict[str, Entry]] = OrderedDict()
+        self._cache_entries = cache_entries
+        self._dirs: dict[int, Path] = {ROOT_INODE: ()}
+        self._file_inodes: dict[int, str] = {}
+        self._file_inodes_gen = -1
+
+    # -- inode resolution ---------------------------------------------------------------
+
+    def dir_path(self, inode: int) -> Path | None:
+        return self._dirs.get(inode)
+
+    def image_for_inode(self, caller: Caller, inode: int) -> ImageRecord | None:
+        """The image behind a file inode, if it is active and the caller may see it."""
+        snap = self._snapshot()
+        if self._file_inodes_gen != snap.generation:
+            self._file_inodes = {file_inode(i): i for i in snap.images}
+            self._file_inodes_gen = snap.generation
+        image_id = self._file_inodes.get(inode)
+        record = snap.record(image_id) if image_id else None
+        if record is None or not self._showable(caller, record):
+            return None
+        return record
+
+    # -- folders ------------------------------------------------------------------------
+
+    def lookup(self, caller: Caller, parent: Path, name: str) -> Entry | None:
+        if parent == ("by-id",):
+            record = self._snapshot().record(name)
+            if record is not None and self._showable(caller, record):
+                return _file(record)
+            return None
+        listing = self.listing(caller, parent)
+        return listing.get(name) if listing is not None else None
+
+    def listing(self, caller: Caller, path: Path) -> dict[str, Entry] | None:
+        """Name -> entry for the folder at `path` as `caller` sees it; None if no folder."""
+        snap = self._snapshot()
+        key = (snap.generation, self.policy.view_key(caller), path)
+        cached = self._listings.get(key)
+        if cached is not None:
+            self._listings.move_to_end(key)
+            return cached
+        listing = self._compute(caller, snap, path)
+        if listing is None:
+            return None
+        for entry in listing.values():
+            if entry.path is not None:
+                self._dirs[entry.inode] = entry.path
+        self._listings[key] = listing
+        while len(self._listings) > self._cache_entries:
+            self._listings.popitem(last=False)
+        return listing
+
+    def _showable(self, caller: Caller, record: ImageRecord) -> bool:
+        return record.status == "active" and self.policy.can_show(caller, record)
+
+    def _listable(self, caller: Caller, snap: Snapshot) -> list[ImageRecord]:
+        return [m.record for m in snap.images.values()
+                if m.record.status == "active" and not m.record.os_hidden
+                and self.policy.can_list(caller, m.record)]
+
+    def _projects(self, caller: Caller, images: list[ImageRecord]) -> set[str]:
+        known = set(self._configured)
+        for image in images:
+            known.add(image.owner)
+            known.update(image.members)
+        return self.policy.projects(caller, known)
+
+    def _compute(self, caller: Caller, snap: Snapshot, path: Path) -> dict[str, Entry] | None:
+        depth = len(path)
+        if depth == 0:
+            return {name: _dir((name,)) for name in TOP_FOLDERS}
+        top = path[0]
+        images = self._listable(caller, snap)
+        if top == "projects":
+            if depth == 1:
+                return {p: _dir(path + (p,)) for p in self._projects(caller, images)}
+            if path[1] not in self._projects(caller, images):
+                return None
+            if depth == 2:
+                return {f: _dir(path + (f,)) for f in PROJECT_FOLDERS}
+            if depth == 3 and path[2] in VISIBILITY_FOLDERS:
+                return self._files(i for i in images
+                                   if i.owner == path[1] and i.visibility == path[2])
+            if depth == 3 and path[2] in MEMBER_FOLDERS:
+                status = MEMBER_FOLDERS[path[2]]
+                return self._files(i for i in images if i.members.get(path[1]) == status
+                                   and i.visibility == "shared")
+            return None
+        if depth == 1 and top in ("public", "community"):
+            return self._files(i for i in images if i.visibility == top)
+        if depth == 1 and top == "by-id":
+            return {i.id: _file(i) for i in images}
+        if top == "tags":
+            tags = {clean_component(t) for i in images for t in i.tags}
+            if depth == 1:
+                return {t: _dir(("tags", t)) for t in tags}
+            if depth == 2 and path[1] in tags:
+                return self._files(i for i in images
+                                   if path[1] in {clean_component(t) for t in i.tags})
+        return None
+
+    @staticmethod
+    def _files(images: Iterable[ImageRecord]) -> dict[str, Entry]:
+        return {name: _file(image) for name, image in assign_names(images).items()}

@@ -1,0 +1,74 @@
+"""The one file-name rule (ARCHITECTURE.md, "File names"), so scripts can rely on it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from imagefs.records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_BYTES = 255
+
+
+def clean_component(text: str) -> str:
+    """Make `text` a safe single path component: no '/', NUL or control characters."""
+    cleaned = "".join("_" if c == "/" or ord(c) < 32 or ord(c) == 127 else c for c in text)
+    if cleaned in (".", ".."):
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8", "surrogateescape")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max(max_bytes, 0)].decode("utf-8", "ignore")
+
+
+def _split(image: ImageRecord) -> tuple[str, str]:
+    """(stem, extension) of the natural name; the extension includes its dot."""
+    stem = clean_component(image.name) if image.name else image.id
+    ext = f".{image.disk_format}" if image.disk_format else ""
+    if ext and stem.lower().endswith(ext.lower()) and len(stem) > len(ext):
+        stem, ext = stem[: -len(ext)], stem[-len(ext):]
+    return stem, ext
+
+
+def _compose(stem: str, suffix: str, ext: str) -> str:
+    room = MAX_NAME_BYTES - len((suffix + ext).encode("utf-8", "surrogateescape"))
+    return _truncate_utf8(stem, room) + suffix + ext
+
+
+def natural_name(image: ImageRecord) -> str:
+    stem, ext = _split(image)
+    return _compose(stem, "", ext)
+
+
+def assign_names(images: Iterable[ImageRecord]) -> dict[str, ImageRecord]:
+    """Names for the images of one folder; the newest image keeps a contested name.
+
+    Older images with the same name get `~<first 8 characters of id>` before the
+    extension (the whole id if even that is taken).
+    """
+    newest_first = sorted(images, key=lambda i: (i.created_at, i.id), reverse=True)
+    names: dict[str, ImageRecord] = {}
+    losers = []
+    for image in newest_first:
+        name = natural_name(image)
+        if name in names:
+            losers.append(image)
+        else:
+            names[name] = image
+    for image in losers:
+        stem, ext = _split(image)
+        for suffix in (f"~{image.id[:8]}", f"~{image.id}"):
+            name = _compose(stem, suffix, ext)
+            if name not in names:
+                names[name] = image
+                break
+        else:
+            log.warning("image %s has no free name in its folder; reach it through by-id/",
+                        image.id)
+    return names

@@ -1,0 +1,69 @@
+"""What every store offers: named immutable objects, ranged reads, atomic small puts."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    # Changes whenever the object is rewritten; lets a catalog refresh skip unchanged
+    # manifests.
+    etag: str
+
+
+class ObjectWriter(abc.ABC):
+    """A large object being written; invisible under its key until commit()."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard what was written; must not raise."""
+
+
+class Store(abc.ABC):
+    """A store is the source of truth. All calls block: run them in worker threads.
+
+    Implementations raise imagefs.errors store exceptions: ObjectNotFound for a missing
+    key, StoreNotFound / StoreAccessDenied for a missing or refused location, and
+    StoreUnavailable once retries of temporary failures run out.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise unless the store exists and answers us."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Exactly `length` bytes from `start`, or StoreError if the object is shorter."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write a small object atomically: readers see the old or the new, never half."""
+
+    @abc.abstractmethod
+    def open_writer(self, key: str) -> ObjectWriter: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,144 @@
+"""A store in a local (or NFS) directory: the embedded default, no services needed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from imagefs.errors import (ObjectNotFound, StoreAccessDenied, StoreError, StoreNotFound,
+                            StoreUnavailable)
+from imagefs.stores.base import ObjectInfo, ObjectWriter, Store
+
+_TMP_MARK = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _translate(exc: OSError, what: str) -> StoreError:
+    if exc.errno == errno.ENOENT:
+        return ObjectNotFound(f"{what}: no such object")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreAccessDenied(f"{what}: permission denied")
+    return StoreUnavailable(f"{what}: {exc.strerror}")
+
+
+class _FileWriter(ObjectWriter):
+    """Writes to a temp file beside the target, renamed into place on commit."""
+
+    def __init__(self, target: Path) -> None:
+        self._target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = target.with_name(f"{target.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        self._file = open(self._tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self._target)
+        _fsync_dir(self._target.parent)
+
+    def abort(self) -> None:
+        self._file.close()
+        try:
+            self._tmp.unlink()
+        except OSError:
+            pass
+
+
+class FileStore(Store):
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"refusing unsafe object key {key!r}")
+        return self.root / key
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise StoreNotFound(f"store directory {self.root} does not exist "
+                                f"(create it with: mkdir -p {self.root})")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreAccessDenied(f"store directory {self.root} is not readable")
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise _translate(exc, key) from exc
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError as exc:
+            raise _translate(exc, key) from exc
+        try:
+            parts = []
+            got = 0
+            while got < length:
+                piece = os.pread(fd, length - got, start + got)
+                if not piece:
+                    raise StoreError(f"{key} is shorter than expected: wanted {length} bytes "
+                                     f"at {start}, got {got}")
+                parts.append(piece)
+                got += len(piece)
+            return b"".join(parts)
+        except OSError as exc:
+            raise _translate(exc, key) from exc
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        writer = self.open_writer(key)
+        try:
+            writer.write(data)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def open_writer(self, key: str) -> ObjectWriter:
+        try:
+            return _FileWriter(self._path(key))
+        except OSError as exc:
+            raise _translate(exc, key) from exc
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        directory = self._path(prefix.rstrip("/"))
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _translate(exc, prefix) from exc
+        for entry in entries:
+            if _TMP_MARK in entry.name or not entry.is_file():
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size,
+                             f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}")
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _translate(exc, key) from exc
