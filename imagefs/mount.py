@@ -20,7 +20,7 @@ from imagefs.access import OpenPolicy
 from imagefs.cache import ChunkCache, open_environment
 from imagefs.catalog import Catalog, CatalogIndex, CatalogStore
 from imagefs.config import Settings
-from imagefs.errors import ImagefsError, InvalidValue, StoreUnavailable
+from imagefs.errors import ImagefsError, InvalidValue, StoreNotFound, StoreUnavailable
 from imagefs.fs import Operations
 from imagefs.namespace import Namespace
 from imagefs.reader import ImageReader
@@ -150,11 +150,11 @@ class Daemon:
         try:
             store.check()
             self.catalog.refresh()
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreNotFound) as exc:
             if not count:
-                raise StoreUnavailable(f"{exc}; and the cache at {cache_dir} holds no "
-                                       "catalog to start from") from None
-            log.warning("store unreachable (%s); serving the cached catalog of %d images "
+                raise type(exc)(f"{exc}; and the cache at {cache_dir} holds no catalog "
+                                "to start from") from None
+            log.warning("store cannot be used (%s); serving the cached catalog of %d images "
                         "read-only from %s until it comes back", exc, count, cache_dir)
         if settings.allow_other:
             log.warning("--allow-other: every local user can read every image through this "
