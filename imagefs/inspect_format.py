@@ -17,6 +17,7 @@ from imagefs.errors import UnsafeImage
 log = logging.getLogger(__name__)
 logging.getLogger("oslo_utils.imageutils.format_inspector").setLevel(logging.ERROR)
 
+INSPECT_PIECE = 64 << 10
 # Inspector names that Glance stores under another disk_format.
 _GLANCE_FORMAT = {"gpt": "raw"}
 # Formats Glance will not take at all.
@@ -41,7 +42,20 @@ class FormatDetector:
         self._wrapper = fi.InspectWrapper(source)
 
     def read(self, size: int) -> bytes:
-        return self._wrapper.read(size)
+        """Up to `size` bytes, fed to the inspectors in Glance's 64 KiB pieces.
+
+        Inspectors learn where to look (e.g. vhdx metadata) from earlier bytes; a region
+        that starts inside the piece that announced it would be missed with big pieces.
+        """
+        pieces = []
+        got = 0
+        while got < size:
+            piece = self._wrapper.read(min(INSPECT_PIECE, size - got))
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        return b"".join(pieces)
 
     def finish(self) -> Detected:
         """Decide after the last read; raise UnsafeImage with a reason and a remedy."""

@@ -1,0 +1,102 @@
+"""The CLI contract: create/list/show/set/delete, JSON forms, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_file, run_cli
+
+
+def test_create_show_list_set_delete(store, tmp_path):
+    src = make_file(tmp_path / "ubuntu.img", 3 << 20, seed=11)
+    image_id = store.create(src, "acme", "--name", "ubuntu", "--tag", "lts", "--property",
+                            "os_distro=ubuntu", "--visibility", "shared", "--min-disk", "2")
+    doc = json.loads(store.cli("image", "show", image_id, "--json").stdout)
+    assert doc["id"] == image_id and doc["status"] == "active" and doc["owner"] == "acme"
+    assert doc["disk_format"] == "raw" and doc["container_format"] == "bare"
+    assert doc["size"] == 3 << 20 and doc["virtual_size"] == 3 << 20
+    assert doc["os_hash_algo"] == "sha512" and len(doc["os_hash_value"]) == 128
+    assert doc["tags"] == ["lts"] and doc["os_distro"] == "ubuntu" and doc["min_disk"] == 2
+    assert doc["visibility"] == "shared" and doc["protected"] is False
+
+    listed = json.loads(store.cli("image", "list", "--json").stdout)
+    assert [d["id"] for d in listed] == [image_id]
+    assert json.loads(store.cli("image", "list", "--project", "other", "--json").stdout) == []
+    table = store.cli("image", "list").stdout
+    assert "ubuntu" in table and image_id in table
+
+    store.cli("image", "set", image_id, "--name", "noble", "--tag", "new", "--remove-tag",
+              "lts", "--property", "hw=virtio", "--remove-property", "os_distro",
+              "--protected")
+    doc = json.loads(store.cli("image", "show", image_id, "--json").stdout)
+    assert doc["name"] == "noble" and doc["tags"] == ["new"] and doc["hw"] == "virtio"
+    assert "os_distro" not in doc and doc["protected"] is True
+
+    refused = store.cli("image", "delete", image_id, check=False)
+    assert refused.returncode == 1 and "protected" in refused.stderr
+    store.cli("image", "set", image_id, "--unprotected")
+    store.cli("image", "delete", image_id)
+    gone = store.cli("image", "show", image_id, check=False)
+    assert gone.returncode == 1 and "no image with id" in gone.stderr
+
+
+def test_create_json_prints_glance_form(file_store, tmp_path):
+    src = make_file(tmp_path / "a.raw", 4096)
+    doc = json.loads(file_store.cli("image", "create", "--project", "p", "--json",
+                                    str(src)).stdout)
+    assert doc["name"] == "a.raw" and doc["schema"] == "/v2/schemas/image"
+    assert doc["file"] == f"/v2/images/{doc['id']}/file"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["image", "list", "--store", "nope://x"], "unknown store scheme"),
+    (["image", "list", "--store", "file:///does/not/exist"], "does not exist"),
+    (["image", "create", "--store", "file:///tmp", "--project", "p", "/no/such/file"],
+     "no such file"),
+    (["image", "create", "--store", "file:///tmp", "--project", "bad project", "/etc/hostname"],
+     "invalid project"),
+    (["image", "create", "--store", "file:///tmp", "--project", "p", "--property",
+      "checksum=1", "/etc/hostname"], "reserved"),
+    (["image", "create", "--store", "file:///tmp", "--project", "p", "--name", "x" * 256,
+      "/etc/hostname"], "at most 255"),
+    (["image", "show", "--store", "file:///tmp", "0000"], "no image with id"),
+    (["image", "list"], "no store given"),
+])
+def test_bad_input_is_one_line(args, message):
+    result = run_cli(*args, check=False, env={"IMAGEFS_CONFIG": "/dev/null"})
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_s3_errors_are_one_line(s3_server, s3_store, tmp_path):
+    src = make_file(tmp_path / "a.raw", 4096)
+    cases = [
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, s3_store.url, "access denied"),
+        ({}, "s3://no-such-bucket-here/x", "bucket does not exist"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, s3_store.url, "unavailable"),
+    ]
+    for env, url, message in cases:
+        result = run_cli("image", "create", "--store", url, "--project", "p", str(src),
+                         check=False, env={**s3_server.environ(), **env}, timeout=60)
+        assert result.returncode == 1, result
+        assert message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_config_file_supplies_the_store(file_store, tmp_path):
+    config = tmp_path / "imagefs.toml"
+    config.write_text(f'store = "{file_store.url}"\n')
+    make = make_file(tmp_path / "c.raw", 4096)
+    image_id = run_cli("image", "create", "--project", "p", str(make),
+                       env={"IMAGEFS_CONFIG": str(config)}).stdout.strip()
+    listed = run_cli("image", "list", "--config", str(config), "--json").stdout
+    assert image_id in listed
+
+
+def test_help_explains():
+    out = run_cli("mount", "--help").stdout
+    assert "--cache-size" in out and "--allow-other" in out and "every local user" in out
+    assert "image" in run_cli("--help").stdout
