@@ -159,3 +159,10 @@ class TestRetry:
 
 def test_json_text_of_tags_is_a_json_array():
     assert json.loads(image("u", tags=["a b", "c"]).metadata_items()["tags"]) == ["a b", "c"]
+
+
+def test_example_config_loads():
+    from pathlib import Path
+    example = Path(__file__).parent.parent / "mountscripts/imagefs.toml.example"
+    settings = load_settings(str(example))
+    assert settings.cache_size == 20 << 30 and settings.s3.part_size == 16 << 20
