@@ -187,12 +187,10 @@ class Daemon:
                  self.mountpoint, len(self.catalog.snapshot.images),
                  self.settings.effective_cache_dir(), self.settings.cache_size)
         _report_ready(ready_fd, "OK")
-        clean = False
         try:
             trio.run(self._main)
-            clean = True
         finally:
-            pyfuse3.close(unmount=clean)
+            pyfuse3.close(unmount=True)  # even after a crash: never leave a stale mount
             self.cache.flush_touches()
             self.env.sync(True)
             self.env.close()

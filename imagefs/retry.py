@@ -43,7 +43,7 @@ def retry(is_temp_failure: Callable[[BaseException], bool], deadline: float = 60
                         raise StoreUnavailable(
                             f"{fn.__name__} still failing after {attempt} attempts in "
                             f"{elapsed:.0f}s: {exc}") from exc
-                    log.warning("%s failed (%s), attempt %d; retrying in %.1fs",
+                    log.info("%s failed (%s), attempt %d; retrying in %.1fs",
                                 fn.__name__, exc, attempt, delay)
                     sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, max_delay)

@@ -11,12 +11,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from seaweedfs import SeaweedServer
+from seaweedfs import SeaweedServer
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 
@@ -73,8 +71,6 @@ def run_cli(*args: str, check: bool = True, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    from seaweedfs import SeaweedServer
-
     with SeaweedServer(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
 
