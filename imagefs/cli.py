@@ -18,8 +18,8 @@ from imagefs import __version__
 from imagefs.catalog import CatalogStore
 from imagefs.config import Settings, load_settings, parse_size
 from imagefs.errors import ImagefsError, InvalidValue
-from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, VISIBILITIES, ImageRecord,
-                             validate_property)
+from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
+                             ImageRecord, validate_project, validate_property)
 from imagefs.stores import open_store
 
 log = logging.getLogger("imagefs")
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--min-disk", type=int, default=0, metavar="GB")
     create.add_argument("--min-ram", type=int, default=0, metavar="MB")
     create.add_argument("--protected", action="store_true", help="refuse deletion")
+    create.add_argument("--hidden", action="store_true",
+                        help="os_hidden: left out of listings, still reachable by id")
     create.add_argument("--json", action="store_true", help="print the image as Glance JSON")
 
     lister = verbs.add_parser("list", help="list images (all projects unless --project)")
@@ -106,12 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     prot = setter.add_mutually_exclusive_group()
     prot.add_argument("--protected", dest="protected", action="store_true", default=None)
     prot.add_argument("--unprotected", dest="protected", action="store_false")
+    hide = setter.add_mutually_exclusive_group()
+    hide.add_argument("--hidden", dest="os_hidden", action="store_true", default=None,
+                      help="os_hidden: left out of listings, still reachable by id")
+    hide.add_argument("--unhidden", dest="os_hidden", action="store_false")
     setter.add_argument("--property", action="append", default=[], type=_property,
                         metavar="KEY=VALUE", help="set a custom property (repeatable)")
     setter.add_argument("--remove-property", action="append", default=[], metavar="KEY")
     setter.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
     setter.add_argument("--remove-tag", action="append", default=[], metavar="TAG")
     setter.add_argument("--json", action="store_true", help="print the image as Glance JSON")
+
+    member = top.add_parser("member", help="share shared-visibility images with projects")
+    member_verbs = member.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, text in (("add", "invite a project (status pending)"),
+                       ("set", "set a member's status (accept or reject for it)"),
+                       ("remove", "stop sharing with a project"),
+                       ("list", "list an image's members")):
+        sub = member_verbs.add_parser(verb, help=text)
+        _add_common(sub)
+        sub.add_argument("image_id", metavar="ID")
+        if verb != "list":
+            sub.add_argument("project", metavar="PROJECT")
+        if verb == "set":
+            sub.add_argument("status", choices=MEMBER_STATUSES)
 
     mount = top.add_parser(
         "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -188,7 +208,7 @@ def cmd_image_create(args: argparse.Namespace) -> int:
         visibility=args.visibility, disk_format=args.disk_format,
         container_format=args.container_format, tags=args.tag,
         properties=dict(args.property), min_disk=args.min_disk, min_ram=args.min_ram,
-        protected=args.protected, status="saving")
+        protected=args.protected, os_hidden=args.hidden, status="saving")
     catalog = _catalog(settings)
     try:
         source = open(path, "rb")
@@ -238,7 +258,7 @@ def cmd_image_set(args: argparse.Namespace) -> int:
     catalog = _catalog(_settings(args))
     manifest = catalog.load(args.image_id)
     record = manifest.record
-    for field in ("name", "visibility", "min_disk", "min_ram", "protected"):
+    for field in ("name", "visibility", "min_disk", "min_ram", "protected", "os_hidden"):
         value = getattr(args, field)
         if value is not None:
             setattr(record, field, value)
@@ -251,6 +271,34 @@ def cmd_image_set(args: argparse.Namespace) -> int:
     catalog.save(manifest)
     if args.json:
         _print_image(record, True)
+    return 0
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    """Glance's image members: only shared images have them; a new member is pending."""
+    catalog = _catalog(_settings(args))
+    manifest = catalog.load(args.image_id)
+    record = manifest.record
+    if args.verb == "list":
+        for project, status in sorted(record.members.items()):
+            print(f"{project}\t{status}")
+        return 0
+    validate_project(args.project)
+    if args.verb == "add":
+        if record.visibility != "shared":
+            raise InvalidValue(f"image {record.id} is {record.visibility}; only shared images "
+                               f"have members (imagefs image set {record.id} --visibility "
+                               "shared)")
+        if args.project == record.owner or args.project in record.members:
+            raise InvalidValue(f"{args.project} is already the owner or a member")
+        record.members[args.project] = "pending"
+    elif args.project not in record.members:
+        raise InvalidValue(f"{args.project} is not a member of image {record.id}")
+    elif args.verb == "set":
+        record.members[args.project] = args.status
+    else:
+        del record.members[args.project]
+    catalog.save(manifest)
     return 0
 
 
@@ -269,7 +317,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("image", "create"): cmd_image_create, ("image", "list"): cmd_image_list,
     ("image", "show"): cmd_image_show, ("image", "delete"): cmd_image_delete,
-    ("image", "set"): cmd_image_set, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+    ("image", "set"): cmd_image_set, ("member", "add"): cmd_member,
+    ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
+    ("member", "list"): cmd_member, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
 }
 
 

@@ -62,9 +62,7 @@ def test_listings_names_and_collisions(store, mount, tmp_path):
     pub = store.create(raw, "beta", "--name", "shared.raw", "--visibility", "public")
     com = store.create(raw, "beta", "--name", "comm", "--visibility", "community")
     hidden = store.create(raw, "beta", "--name", "hidden", "--visibility", "public")
-    store.cli("image", "set", hidden, "--property", "x=1")
-    run = store.cli  # os_hidden is not a CLI flag; set it through the manifest
-    del run
+    store.cli("image", "set", hidden, "--hidden")
     m = mount(store)
     assert sorted(os.listdir(m.path)) == ["by-id", "community", "projects", "public", "tags"]
     assert sorted(os.listdir(m / "projects")) == ["acme", "beta"]
@@ -74,10 +72,11 @@ def test_listings_names_and_collisions(store, mount, tmp_path):
         ["ubuntu.raw", f"ubuntu~{older[:8]}.raw"])
     assert os.stat(m / "projects/acme/private/ubuntu.raw").st_ino == \
         os.stat(m / f"by-id/{newer}").st_ino
-    assert sorted(os.listdir(m / "public")) == ["hidden.raw", "shared.raw"]
+    assert os.listdir(m / "public") == ["shared.raw"]  # os_hidden: in no listing...
     assert os.listdir(m / "community") == ["comm.raw"]
     assert os.listdir(m / "projects/beta/community") == ["comm.raw"]
-    assert sorted(os.listdir(m / "by-id")) == sorted([older, newer, pub, com, hidden])
+    assert sorted(os.listdir(m / "by-id")) == sorted([older, newer, pub, com])
+    assert os.path.getsize(m / f"by-id/{hidden}") == 4096  # ...but reachable by id
     assert sorted(os.listdir(m / "tags")) == ["lts", "x_y"]
     assert sorted(os.listdir(m / "tags/lts")) == sorted(["ubuntu.raw", f"ubuntu~{older[:8]}.raw"])
     assert os.listdir(m / "tags/x_y") == ["ubuntu.raw"]
@@ -306,3 +305,22 @@ def test_unhandled_exception_in_a_handler_is_eio_and_the_mount_lives(store, moun
     assert exc.value.errno == errno.EIO
     assert "Traceback" in m.log()
     assert os.path.getsize(m / f"by-id/{image_id}") == 4096
+
+
+def test_members_show_as_invitations_then_shared_with_me(store, mount, tmp_path):
+    image_id = store.create(make_file(tmp_path / "s.raw", 4096), "acme", "--name", "gold",
+                            "--visibility", "shared")
+    refused = store.cli("member", "add", store.create(tmp_path / "s.raw", "acme"), "beta",
+                        check=False)
+    assert refused.returncode == 1 and "only shared images" in refused.stderr
+    store.cli("member", "add", image_id, "beta")
+    store.cli("member", "add", image_id, "gamma")
+    store.cli("member", "set", image_id, "gamma", "accepted")
+    assert store.cli("member", "list", image_id).stdout.split() == [
+        "beta", "pending", "gamma", "accepted"]
+    m = mount(store)
+    assert os.listdir(m / "projects/acme/shared") == ["gold.raw"]
+    assert os.listdir(m / "projects/beta/invitations") == ["gold.raw"]
+    assert os.listdir(m / "projects/beta/shared-with-me") == []
+    assert os.listdir(m / "projects/gamma/shared-with-me") == ["gold.raw"]
+    assert os.listdir(m / "projects/gamma/invitations") == []
