@@ -490,6 +490,9 @@ class Bench:
                 "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                  / 2**30, 1),
                 "imagefs": first_line([*IMAGEFS, "--version"]),
+                "imagefs_module": first_line([sys.executable, "-c",
+                                              "import imagefs; print(imagefs.__file__)"]),
+                "git_commit": first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
                 "weed": first_line([shutil.which("weed") or "weed", "version"]),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -181,6 +181,24 @@ class Catalog:
                  len(changed), len(removed), len(etags))
         return True
 
+    def apply(self, manifest: mf.Manifest) -> None:
+        """Show a change made here at once, before the next refresh lists it.
+
+        The empty etag makes the next refresh fetch the manifest again, so a change made
+        elsewhere at the same time still wins in the end.
+        """
+        with self._lock:
+            self._entries[manifest.record.id] = ("", manifest)
+            self._publish()
+        self.index.update({manifest.record.id: ("", manifest)}, [])
+
+    def forget(self, image_id: str) -> None:
+        with self._lock:
+            if self._entries.pop(image_id, None) is None:
+                return
+            self._publish()
+        self.index.update({}, [image_id])
+
     def _publish(self) -> None:
         images = {i: m for i, (_etag, m) in self._entries.items()}
         self.snapshot = Snapshot(self.snapshot.generation + 1, images)

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from imagefs import __version__
+from imagefs.admin import CatalogAdmin
 from imagefs.catalog import CatalogStore
 from imagefs.config import Settings, load_settings, parse_size
 from imagefs.errors import ImagefsError, InvalidValue
 from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
-                             ImageRecord, validate_project, validate_property)
+                             ImageRecord, validate_property)
 from imagefs.stores import open_store
 
 log = logging.getLogger("imagefs")
@@ -94,9 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image_id", metavar="ID")
     show.add_argument("--json", action="store_true", help="print the image as Glance JSON")
 
-    delete = verbs.add_parser("delete", help="delete an image (protected images refuse)")
+    delete = verbs.add_parser(
+        "delete", help="delete an image (protected images refuse)",
+        description="Delete as Glance's delayed delete does: the image disappears at once, "
+                    "stays restorable for delete_grace seconds (config; default one day), "
+                    "then a scrub (any mount, or `imagefs image scrub`) purges its data.")
     _add_common(delete)
     delete.add_argument("image_id", metavar="ID")
+    delete.add_argument("--now", action="store_true", help="purge at once, no grace period")
+
+    restore = verbs.add_parser("restore", help="bring back a deleted image before its purge")
+    _add_common(restore)
+    restore.add_argument("image_id", metavar="ID")
+
+    scrub = verbs.add_parser("scrub", help="purge deleted images whose grace period is over")
+    _add_common(scrub)
 
     setter = verbs.add_parser("set", help="change an image's metadata")
     _add_common(setter)
@@ -246,59 +259,55 @@ def cmd_image_show(args: argparse.Namespace) -> int:
 
 
 def cmd_image_delete(args: argparse.Namespace) -> int:
-    catalog = _catalog(_settings(args))
-    if catalog.load(args.image_id).record.protected:
-        raise InvalidValue(f"image {args.image_id} is protected; unprotect it first "
-                           f"(imagefs image set {args.image_id} --unprotected)")
-    catalog.delete(args.image_id)
+    settings = _settings(args)
+    grace = 0.0 if args.now else settings.delete_grace
+    CatalogAdmin(_catalog(settings)).delete(args.image_id, grace)
+    if grace > 0:
+        print(f"image {args.image_id} deleted; restorable for {grace:.0f}s with: "
+              f"imagefs image restore {args.image_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_image_restore(args: argparse.Namespace) -> int:
+    CatalogAdmin(_catalog(_settings(args))).restore(args.image_id)
+    return 0
+
+
+def cmd_image_scrub(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(CatalogAdmin(_catalog(settings)).scrub(settings.delete_grace))
     return 0
 
 
 def cmd_image_set(args: argparse.Namespace) -> int:
-    catalog = _catalog(_settings(args))
-    manifest = catalog.load(args.image_id)
-    record = manifest.record
-    for field in ("name", "visibility", "min_disk", "min_ram", "protected", "os_hidden"):
-        value = getattr(args, field)
-        if value is not None:
-            setattr(record, field, value)
-    record.properties.update(dict(args.property))
-    for key in args.remove_property:
-        if key not in record.properties:
-            raise InvalidValue(f"image {record.id} has no property {key!r}")
-        del record.properties[key]
-    record.tags = [t for t in record.tags if t not in args.remove_tag] + args.tag
-    catalog.save(manifest)
+    def change(record: ImageRecord) -> None:
+        for field in ("name", "visibility", "min_disk", "min_ram", "protected", "os_hidden"):
+            value = getattr(args, field)
+            if value is not None:
+                setattr(record, field, value)
+        record.properties.update(dict(args.property))
+        for key in args.remove_property:
+            if key not in record.properties:
+                raise InvalidValue(f"image {record.id} has no property {key!r}")
+            del record.properties[key]
+        record.tags = [t for t in record.tags if t not in args.remove_tag] + args.tag
+
+    manifest = CatalogAdmin(_catalog(_settings(args))).update(args.image_id, change)
     if args.json:
-        _print_image(record, True)
+        _print_image(manifest.record, True)
     return 0
 
 
 def cmd_member(args: argparse.Namespace) -> int:
     """Glance's image members: only shared images have them; a new member is pending."""
-    catalog = _catalog(_settings(args))
-    manifest = catalog.load(args.image_id)
-    record = manifest.record
+    admin = CatalogAdmin(_catalog(_settings(args)))
     if args.verb == "list":
+        record = admin.catalog_store.load(args.image_id).record
         for project, status in sorted(record.members.items()):
             print(f"{project}\t{status}")
         return 0
-    validate_project(args.project)
-    if args.verb == "add":
-        if record.visibility != "shared":
-            raise InvalidValue(f"image {record.id} is {record.visibility}; only shared images "
-                               f"have members (imagefs image set {record.id} --visibility "
-                               "shared)")
-        if args.project == record.owner or args.project in record.members:
-            raise InvalidValue(f"{args.project} is already the owner or a member")
-        record.members[args.project] = "pending"
-    elif args.project not in record.members:
-        raise InvalidValue(f"{args.project} is not a member of image {record.id}")
-    elif args.verb == "set":
-        record.members[args.project] = args.status
-    else:
-        del record.members[args.project]
-    catalog.save(manifest)
+    status = {"add": "pending", "remove": None}.get(args.verb, getattr(args, "status", None))
+    admin.set_member(args.image_id, args.project, status)
     return 0
 
 
@@ -317,6 +326,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("image", "create"): cmd_image_create, ("image", "list"): cmd_image_list,
     ("image", "show"): cmd_image_show, ("image", "delete"): cmd_image_delete,
+    ("image", "restore"): cmd_image_restore, ("image", "scrub"): cmd_image_scrub,
     ("image", "set"): cmd_image_set, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
     ("member", "list"): cmd_member, ("mount", None): cmd_mount, ("umount", None): cmd_umount,

@@ -53,6 +53,10 @@ class Settings:
     memory_cache: int = 128 << 20
     prefetch_max: int = 64 << 20
     refresh_interval: float = 10.0
+    delete_grace: float = 86400.0
+    spool_dir: Path | None = None
+    spool_size: int = 20 << 30
+    settle_time: float = 3.0
     entry_timeout: float = 1.0
     allow_other: bool = False
     foreground: bool = False
@@ -72,7 +76,8 @@ class Settings:
         return base / tag
 
 
-_SIZE_KEYS = {"cache_size", "chunk_size", "block_size", "memory_cache", "prefetch_max"}
+_SIZE_KEYS = {"cache_size", "chunk_size", "block_size", "memory_cache", "prefetch_max",
+              "spool_size"}
 
 
 def _apply(target: Any, values: dict[str, Any], where: str) -> None:
@@ -88,7 +93,7 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
             continue
         if key in _SIZE_KEYS or key == "part_size":
             value = parse_size(value)
-        elif key in ("cache_dir", "log_file") and value is not None:
+        elif key in ("cache_dir", "log_file", "spool_dir") and value is not None:
             value = Path(value)
         setattr(target, key, value)
 

@@ -27,6 +27,22 @@ class ImageNotFound(ImagefsError):
     errno = errno.ENOENT
 
 
+class NotPermitted(ImagefsError):
+    """A gesture the catalog refuses: deleting a protected image, renaming by-id/..."""
+
+    errno = errno.EPERM
+
+
+class NoSuchAttribute(ImagefsError):
+    errno = errno.ENODATA
+
+
+class NameTaken(ImagefsError):
+    """A rename would replace another image; imagefs never does that."""
+
+    errno = errno.EEXIST
+
+
 class StoreError(ImagefsError):
     """The store answered, but not with what we need (missing object, bad manifest)."""
 
@@ -68,6 +84,8 @@ class UnsafeImage(InvalidValue):
 
 
 class QuotaExceeded(ImagefsError):
+    """The inbox's staging area is full."""
+
     errno = errno.ENOSPC
 
 

@@ -1,7 +1,8 @@
-"""The FUSE edge: pyfuse3 Operations that forward to the namespace and the reader.
+"""The FUSE edge: pyfuse3 Operations that forward to the namespace, reader and inbox.
 
-Read-only in this version: every change answers EROFS. Every handler is guarded: a
-domain error becomes its errno, anything unexpected is logged with its traceback and
+Image data is read-only; writes happen only in inbox/<project>/, and metadata changes
+are gestures (rm, mv, setfattr) mapped to catalog operations. Every handler is guarded:
+a domain error becomes its errno, anything unexpected is logged with its traceback and
 answered with EIO, and the mount lives on.
 """
 
@@ -20,17 +21,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
+import trio
 
 from imagefs.access import Caller
-from imagefs.errors import errno_for
+from imagefs.admin import CatalogAdmin
+from imagefs.errors import NotPermitted, errno_for
+from imagefs.gestures import Gestures
+from imagefs.inbox import Inbox, InboxEntry, is_inbox_inode
 from imagefs.manifest import Manifest
-from imagefs.namespace import Entry, Namespace
+from imagefs.namespace import Entry, Namespace, file_inode
 from imagefs.reader import ImageReader, Stream
-from imagefs.records import ImageRecord
+from imagefs.records import ImageRecord, json_text
 
 log = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user.glance."
+STATUS_XATTR = "user.imagefs.status"
+ID_XATTR = "user.imagefs.id"
 STATS_XATTR = "user.imagefs.stats"
 _BLOCK = 4096
 
@@ -44,6 +51,9 @@ def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except OSError as exc:  # local disk trouble in the inbox spool: ENOSPC, EIO...
+            log.warning("%s failed: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:
             code = errno_for(exc)
             if code == errno.EIO:
@@ -61,54 +71,95 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 @dataclass
-class _OpenFile:
+class _ImageHandle:
     manifest: Manifest
     stream: Stream
+
+
+@dataclass
+class _InboxHandle:
+    entry: InboxEntry
+    fd: int | None  # None for an .error report, served from memory
+    writable: bool
 
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, namespace: Namespace, reader: ImageReader,
-                 snapshot_images: Callable[[], dict[str, Manifest]], entry_timeout: float,
+    def __init__(self, namespace: Namespace, reader: ImageReader, inbox: Inbox,
+                 admin: CatalogAdmin, snapshot_images: Callable[[], dict[str, Manifest]],
+                 entry_timeout: float, delete_grace: float,
                  stats: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.namespace = namespace
         self.reader = reader
+        self.inbox = inbox
         self._images = snapshot_images
         self._stats = stats
+        self.gestures = Gestures(namespace, admin, inbox, delete_grace)
         # Caller-dependent views must not be answered from the kernel's shared caches.
         self._timeout = 0.0 if namespace.policy.caller_dependent() else entry_timeout
         self._handles = itertools.count(1)
-        self._open_files: dict[int, _OpenFile] = {}
+        self._open: dict[int, _ImageHandle | _InboxHandle] = {}
         self._open_dirs: dict[int, list[tuple[str, Entry]]] = {}
         self._started_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
 
+    # -- who may change things ----------------------------------------------------------
+
+    def _require_admin(self, ctx: pyfuse3.RequestContext) -> Caller:
+        """Until per-caller access control lands: root and the mounting user only."""
+        caller = _caller(ctx)
+        if caller.uid not in (0, self._uid):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return caller
+
     # -- attributes ---------------------------------------------------------------------
 
-    def _attrs(self, entry: Entry, record: ImageRecord | None = None) -> pyfuse3.EntryAttributes:
+    def _base_attrs(self, inode: int, timeout: float) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = entry.inode
+        attrs.st_ino = inode
         attrs.generation = 0
-        attrs.entry_timeout = self._timeout
-        attrs.attr_timeout = self._timeout
+        attrs.entry_timeout = attrs.attr_timeout = timeout
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
         attrs.st_blksize = 128 * 1024
-        if entry.is_dir:
-            attrs.st_mode = stat.S_IFDIR | 0o555
-            attrs.st_nlink = 2
-            attrs.st_size = 0
-            attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
-        else:
-            assert record is not None
-            attrs.st_mode = stat.S_IFREG | 0o444
-            attrs.st_nlink = 1
-            attrs.st_size = record.size or 0
-            attrs.st_blocks = -(-attrs.st_size // 512)
-            attrs.st_mtime_ns = attrs.st_atime_ns = record.created_mtime_ns
-            attrs.st_ctime_ns = record.updated_mtime_ns
+        attrs.st_nlink = 1
         return attrs
+
+    def _dir_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = self._base_attrs(inode, self._timeout)
+        attrs.st_mode = stat.S_IFDIR | 0o755
+        attrs.st_nlink = 2
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        return attrs
+
+    def _image_attrs(self, record: ImageRecord) -> pyfuse3.EntryAttributes:
+        attrs = self._base_attrs(file_inode(record.id), self._timeout)
+        # 0644 so the mounting user may setfattr; opening for writing still answers EROFS.
+        attrs.st_mode = stat.S_IFREG | 0o644
+        attrs.st_size = record.size or 0
+        attrs.st_blocks = -(-attrs.st_size // 512)
+        attrs.st_mtime_ns = attrs.st_atime_ns = record.created_mtime_ns
+        attrs.st_ctime_ns = record.updated_mtime_ns
+        return attrs
+
+    def _inbox_attrs(self, entry: InboxEntry) -> pyfuse3.EntryAttributes:
+        attrs = self._base_attrs(entry.inode, 0.0)  # changes under writers: never cached
+        attrs.st_mode = stat.S_IFREG | (0o444 if entry.is_error else entry.record.mode & 0o777)
+        attrs.st_size = self.inbox.size(entry)
+        attrs.st_blocks = -(-attrs.st_size // 512)
+        attrs.st_mtime_ns = attrs.st_atime_ns = attrs.st_ctime_ns = entry.record.mtime_ns
+        return attrs
+
+    def _attrs_of(self, caller: Caller, inode: int) -> pyfuse3.EntryAttributes:
+        path = self.namespace.dir_path(inode)
+        if path is not None:
+            if path and self.namespace.listing(caller, path) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._dir_attrs(inode)
+        if is_inbox_inode(inode):
+            return self._inbox_attrs(self._inbox_entry(inode))
+        return self._image_attrs(self._record(caller, inode))
 
     def _record(self, caller: Caller, inode: int) -> ImageRecord:
         record = self.namespace.image_for_inode(caller, inode)
@@ -116,29 +167,50 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return record
 
+    def _inbox_entry(self, inode: int) -> InboxEntry:
+        entry = self.inbox.by_inode(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    def _folder(self, inode: int) -> tuple[str, ...]:
+        path = self.namespace.dir_path(inode)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return path
+
     @guarded
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         caller = _caller(ctx)
-        path = self.namespace.dir_path(parent_inode)
-        if path is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        entry = self.namespace.lookup(caller, path, os.fsdecode(name))
+        entry = self.namespace.lookup(caller, self._folder(parent_inode), os.fsdecode(name))
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        record = None if entry.is_dir else self._record(caller, entry.inode)
-        return self._attrs(entry, record)
+        return self._attrs_of(caller, entry.inode)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        caller = _caller(ctx)
-        path = self.namespace.dir_path(inode)
-        if path is not None:
-            if path and self.namespace.listing(caller, path) is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(Entry(inode, path=path))
-        record = self._record(caller, inode)
-        return self._attrs(Entry(inode, image_id=record.id), record)
+        return self._attrs_of(_caller(ctx), inode)
+
+    @guarded
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._require_admin(ctx)
+        if not is_inbox_inode(inode):
+            if fields.update_size:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            raise NotPermitted("catalog files keep their mode, owner and times")
+        entry = self._inbox_entry(inode)
+        if fields.update_size:
+            handle = self._open.get(fh) if fh is not None else None
+            fd = handle.fd if isinstance(handle, _InboxHandle) else None
+            await trio.to_thread.run_sync(self.inbox.truncate, entry, fd, attr.st_size)
+        if fields.update_mode:  # kept for the listing; images are always 0644
+            entry.record.mode = attr.st_mode & 0o777
+        if fields.update_mtime:
+            entry.record.mtime_ns = attr.st_mtime_ns
+        return self._inbox_attrs(entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         """Inodes are derived from paths and ids, so there is no per-inode state to free."""
@@ -147,8 +219,7 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        path = self.namespace.dir_path(inode)
-        listing = self.namespace.listing(_caller(ctx), path) if path is not None else None
+        listing = self.namespace.listing(_caller(ctx), self._folder(inode))
         if listing is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         handle = next(self._handles)
@@ -162,57 +233,152 @@ class Operations(pyfuse3.Operations):
         images = self._images()
         for position in range(start_id, len(entries)):
             name, entry = entries[position]
-            record = None
-            if not entry.is_dir:
-                manifest = images.get(entry.image_id or "")
+            if entry.is_dir:
+                attrs = self._dir_attrs(entry.inode)
+            elif entry.image_id is not None:
+                manifest = images.get(entry.image_id)
                 if manifest is None:
                     continue
-                record = manifest.record
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(entry, record),
-                                         position + 1):
+                attrs = self._image_attrs(manifest.record)
+            else:
+                inbox_entry = self.inbox.by_inode(entry.inode)
+                if inbox_entry is None:
+                    continue
+                attrs = self._inbox_attrs(inbox_entry)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, position + 1):
                 return
 
     @guarded
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
 
+    @guarded
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._require_admin(ctx)
+        if self._folder(parent_inode) != ("inbox",):
+            raise NotPermitted("folders are made by the catalog; only inbox/<project> "
+                               "can be created")
+        project = os.fsdecode(name)
+        await trio.to_thread.run_sync(self.inbox.add_project, project)
+        entry = self.namespace.lookup(_caller(ctx), ("inbox",), project)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return self._dir_attrs(entry.inode)
+
     # -- files --------------------------------------------------------------------------
 
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if is_inbox_inode(inode):
+            entry = self._inbox_entry(inode)
+            if writable or flags & os.O_TRUNC:
+                self._require_admin(ctx)
+            if entry.is_error:
+                if writable:
+                    raise NotPermitted("upload reports are read-only")
+                return self._new_handle(_InboxHandle(entry, None, False))
+            fd = await trio.to_thread.run_sync(self.inbox.open_data, entry, writable,
+                                               bool(flags & os.O_TRUNC))
+            return self._new_handle(_InboxHandle(entry, fd, writable))
+        if writable or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         record = self._record(_caller(ctx), inode)
         manifest = self._images().get(record.id)
         if manifest is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        handle = next(self._handles)
-        self._open_files[handle] = _OpenFile(manifest, Stream())
         # Image data is immutable: the kernel's page cache stays valid across opens.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        return self._new_handle(_ImageHandle(manifest, Stream()), keep_cache=True)
+
+    def _new_handle(self, handle: _ImageHandle | _InboxHandle,
+                    keep_cache: bool = False) -> pyfuse3.FileInfo:
+        fh = next(self._handles)
+        self._open[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @guarded
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        self._require_admin(ctx)
+        path = self._folder(parent_inode)
+        if len(path) != 2 or path[0] != "inbox":
+            raise pyfuse3.FUSEError(errno.EROFS)
+        entry = await trio.to_thread.run_sync(self.inbox.create, path[1], os.fsdecode(name))
+        entry.record.mode = mode & 0o777
+        fd = await trio.to_thread.run_sync(self.inbox.open_data, entry, True, False)
+        return self._new_handle(_InboxHandle(entry, fd, True)), self._inbox_attrs(entry)
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._open_files.get(fh)
-        if handle is None:
+        handle = self._open.get(fh)
+        if isinstance(handle, _ImageHandle):
+            return await self.reader.read(handle.manifest, off, size, handle.stream)
+        if isinstance(handle, _InboxHandle):
+            if handle.fd is None:
+                return self.inbox.error_text(handle.entry)[off:off + size]
+            return await self.inbox.read(handle.fd, off, size)
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    @guarded
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._open.get(fh)
+        if not isinstance(handle, _InboxHandle) or handle.fd is None or not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.reader.read(handle.manifest, off, size, handle.stream)
+        return await self.inbox.write(handle.entry, handle.fd, off, buf)
+
+    @guarded
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._open.get(fh)
+        if isinstance(handle, _InboxHandle) and handle.fd is not None:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
 
     @guarded
     async def release(self, fh: int) -> None:
-        self._open_files.pop(fh, None)
+        handle = self._open.pop(fh, None)
+        if isinstance(handle, _InboxHandle) and handle.fd is not None:
+            self.inbox.close_data(handle.entry, handle.fd, handle.writable)
+
+    # -- gestures -----------------------------------------------------------------------
+
+    @guarded
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        caller = self._require_admin(ctx)
+        await self.gestures.unlink(caller, self._folder(parent_inode), os.fsdecode(name))
+
+    @guarded
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        caller = self._require_admin(ctx)
+        if flags & getattr(pyfuse3, "RENAME_EXCHANGE", 2):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.gestures.rename(caller, self._folder(parent_inode_old),
+                                   os.fsdecode(name_old), self._folder(parent_inode_new),
+                                   os.fsdecode(name_new))
 
     # -- metadata -----------------------------------------------------------------------
+
+    def _inbox_xattrs(self, entry: InboxEntry) -> dict[str, str]:
+        items = {STATUS_XATTR: entry.status}
+        if not entry.is_error:
+            items[ID_XATTR] = entry.record.entry_id
+        items.update({f"{XATTR_PREFIX}{k}": json_text(v)
+                      for k, v in entry.record.metadata.items()})
+        return items
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
         if inode == pyfuse3.ROOT_INODE and key == STATS_XATTR:
             return json.dumps(self._stats(), sort_keys=True).encode()
-        if self.namespace.dir_path(inode) is not None or not key.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        items = self._record(_caller(ctx), inode).metadata_items()
-        value = items.get(key[len(XATTR_PREFIX):])
+        if is_inbox_inode(inode):
+            value = self._inbox_xattrs(self._inbox_entry(inode)).get(key)
+        elif self.namespace.dir_path(inode) is not None or not key.startswith(XATTR_PREFIX):
+            value = None
+        else:
+            items = self._record(_caller(ctx), inode).metadata_items()
+            value = items.get(key[len(XATTR_PREFIX):])
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value.encode("utf-8")
@@ -221,10 +387,43 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
             return [STATS_XATTR.encode()]
+        if is_inbox_inode(inode):
+            return [k.encode() for k in sorted(self._inbox_xattrs(self._inbox_entry(inode)))]
         if self.namespace.dir_path(inode) is not None:
             return []
         items = self._record(_caller(ctx), inode).metadata_items()
         return [f"{XATTR_PREFIX}{key}".encode("utf-8") for key in sorted(items)]
+
+    def _glance_key(self, name: bytes) -> str:
+        key = os.fsdecode(name)
+        if not key.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        return key[len(XATTR_PREFIX):]
+
+    @guarded
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        caller = self._require_admin(ctx)
+        key = self._glance_key(name)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if is_inbox_inode(inode):
+            entry = self._inbox_entry(inode)
+            await trio.to_thread.run_sync(self.inbox.set_metadata, entry, key, text)
+            return
+        await self.gestures.set_field(self._record(caller, inode), key, text)
+
+    @guarded
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        caller = self._require_admin(ctx)
+        key = self._glance_key(name)
+        if is_inbox_inode(inode):
+            entry = self._inbox_entry(inode)
+            await trio.to_thread.run_sync(self.inbox.set_metadata, entry, key, None)
+            return
+        await self.gestures.remove_field(self._record(caller, inode), key)
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -232,16 +431,17 @@ class Operations(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = _BLOCK
         data.f_blocks = sum(-(-(m.record.size or 0) // _BLOCK) for m in images.values())
-        data.f_bfree = data.f_bavail = 0
+        free = max(self.inbox.spool.limit - self.inbox.spool.used, 0) // _BLOCK
+        data.f_blocks += free
+        data.f_bfree = data.f_bavail = free  # room left in the inbox's staging area
         data.f_files = len(images)
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
 
-    # -- everything that would change something -----------------------------------------
+    # -- everything else that would change something ------------------------------------
 
-    async def _read_only(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    async def _not_permitted(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    write = create = setxattr = removexattr = _read_only
+    rmdir = symlink = link = mknod = _not_permitted

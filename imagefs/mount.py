@@ -17,13 +17,16 @@ import pyfuse3
 import trio
 
 from imagefs.access import OpenPolicy
+from imagefs.admin import CatalogAdmin
 from imagefs.cache import ChunkCache, open_environment
 from imagefs.catalog import Catalog, CatalogIndex, CatalogStore
 from imagefs.config import Settings
 from imagefs.errors import ImagefsError, InvalidValue, StoreNotFound, StoreUnavailable
 from imagefs.fs import Operations
+from imagefs.inbox import Inbox
 from imagefs.namespace import Namespace
 from imagefs.reader import ImageReader
+from imagefs.spool import Spool
 from imagefs.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -162,11 +165,21 @@ class Daemon:
         self.reader = ImageReader(self.catalog_store, self.index, self.cache,
                                   settings.chunk_size, settings.memory_cache,
                                   settings.prefetch_max, settings.s3.max_connections)
+        self.admin = CatalogAdmin(self.catalog_store, on_change=self.catalog.apply,
+                                  on_purge=self.catalog.forget)
+        spool_dir = settings.spool_dir or cache_dir / "spool"
+        try:
+            spool = Spool(spool_dir, settings.spool_size)
+        except OSError as exc:
+            raise InvalidValue(f"spool dir {spool_dir}: {exc.strerror}") from None
+        self.inbox = Inbox(spool, self.catalog_store, settings.block_size,
+                           settings.settle_time, on_publish=self.catalog.apply,
+                           known_projects=lambda: self.namespace.known_projects())
         self.namespace = Namespace(lambda: self.catalog.snapshot, OpenPolicy(),
-                                   settings.projects)
-        self.ops = Operations(self.namespace, self.reader,
+                                   settings.projects, self.inbox)
+        self.ops = Operations(self.namespace, self.reader, self.inbox, self.admin,
                               lambda: self.catalog.snapshot.images,
-                              settings.entry_timeout, self.stats)
+                              settings.entry_timeout, settings.delete_grace, self.stats)
 
     def stats(self) -> dict[str, Any]:
         return {**self.reader.stats.as_dict(), "cache_bytes": self.cache.total_bytes(),
@@ -204,6 +217,7 @@ class Daemon:
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._flush_loop)
             nursery.start_soon(self._signal_loop)
+            nursery.start_soon(self.inbox.run)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
@@ -213,6 +227,7 @@ class Daemon:
             await trio.sleep(self.settings.refresh_interval)
             try:
                 await trio.to_thread.run_sync(self.catalog.refresh, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(self._scrub, abandon_on_cancel=True)
                 if failing:
                     log.warning("store is reachable again; catalog refreshes resumed")
                 failing = False
@@ -222,6 +237,13 @@ class Daemon:
                 failing = True
             except Exception:
                 log.exception("catalog refresh failed unexpectedly")
+
+    def _scrub(self) -> None:
+        """Purge images deleted longer ago than the grace period (any host may do it)."""
+        deleted = [m for m in self.catalog.snapshot.images.values()
+                   if m.record.status == "pending_delete"]
+        if deleted:
+            self.admin.scrub(self.settings.delete_grace, deleted)
 
     async def _flush_loop(self) -> None:
         while True:

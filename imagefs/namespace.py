@@ -11,6 +11,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from imagefs.access import AccessPolicy, Caller
 from imagefs.catalog import Snapshot
@@ -22,7 +23,7 @@ _DIR_BIT = 1 << 60
 _FILE_BIT = 1 << 61
 Path = tuple[str, ...]
 
-TOP_FOLDERS = ("by-id", "community", "projects", "public", "tags")
+TOP_FOLDERS = ("by-id", "community", "inbox", "projects", "public", "tags")
 VISIBILITY_FOLDERS = ("private", "shared", "community", "public")
 MEMBER_FOLDERS = {"shared-with-me": "accepted", "invitations": "pending"}
 PROJECT_FOLDERS = VISIBILITY_FOLDERS + tuple(MEMBER_FOLDERS)
@@ -30,7 +31,7 @@ PROJECT_FOLDERS = VISIBILITY_FOLDERS + tuple(MEMBER_FOLDERS)
 
 @dataclass(frozen=True)
 class Entry:
-    """A folder (path set) or an image file (image_id set)."""
+    """A folder (path set), an image file (image_id set) or an inbox file (neither)."""
 
     inode: int
     path: Path | None = None
@@ -63,10 +64,21 @@ def _file(image: ImageRecord) -> Entry:
     return Entry(file_inode(image.id), image_id=image.id)
 
 
+class InboxView(Protocol):
+    generation: int
+
+    def projects(self) -> set[str]: ...
+
+    def listing(self, project: str) -> dict[str, Any]:
+        """Name -> inbox entry (anything with an `inode`)."""
+
+
 class Namespace:
     def __init__(self, snapshot: Callable[[], Snapshot], policy: AccessPolicy,
-                 configured_projects: Iterable[str] = (), cache_entries: int = 512) -> None:
+                 configured_projects: Iterable[str] = (), inbox: InboxView | None = None,
+                 cache_entries: int = 512) -> None:
         self._snapshot = snapshot
+        self.inbox = inbox
         self.policy = policy
         self._configured = tuple(configured_projects)
         self._listings: OrderedDict[tuple, dict[str, Entry]] = OrderedDict()
@@ -106,7 +118,8 @@ class Namespace:
     def listing(self, caller: Caller, path: Path) -> dict[str, Entry] | None:
         """Name -> entry for the folder at `path` as `caller` sees it; None if no folder."""
         snap = self._snapshot()
-        key = (snap.generation, self.policy.view_key(caller), path)
+        inbox_gen = self.inbox.generation if self.inbox and path[:1] == ("inbox",) else 0
+        key = (snap.generation, inbox_gen, self.policy.view_key(caller), path)
         cached = self._listings.get(key)
         if cached is not None:
             self._listings.move_to_end(key)
@@ -130,6 +143,14 @@ class Namespace:
                 if m.record.status == "active" and not m.record.os_hidden
                 and self.policy.can_list(caller, m.record)]
 
+    def known_projects(self) -> set[str]:
+        """Owners and members of any image, and configured projects (for the inbox)."""
+        known = set(self._configured)
+        for manifest in self._snapshot().images.values():
+            known.add(manifest.record.owner)
+            known.update(manifest.record.members)
+        return known
+
     def _projects(self, caller: Caller, images: list[ImageRecord]) -> set[str]:
         known = set(self._configured)
         for image in images:
@@ -142,6 +163,8 @@ class Namespace:
         if depth == 0:
             return {name: _dir((name,)) for name in TOP_FOLDERS}
         top = path[0]
+        if top == "inbox":
+            return self._inbox(caller, path)
         images = self._listable(caller, snap)
         if top == "projects":
             if depth == 1:
@@ -169,6 +192,17 @@ class Namespace:
             if depth == 2 and path[1] in tags:
                 return self._files(i for i in images
                                    if path[1] in {clean_component(t) for t in i.tags})
+        return None
+
+    def _inbox(self, caller: Caller, path: Path) -> dict[str, Entry] | None:
+        if self.inbox is None:
+            return None
+        projects = self.policy.projects(caller, self.inbox.projects())
+        if len(path) == 1:
+            return {p: _dir(("inbox", p)) for p in projects}
+        if len(path) == 2 and path[1] in projects:
+            return {name: Entry(entry.inode) for name, entry in
+                    self.inbox.listing(path[1]).items()}
         return None
 
     @staticmethod

@@ -158,6 +158,8 @@ class ImageRecord:
     updated_at: int = dataclasses.field(default_factory=now_us)
     # Image members (project -> pending/accepted/rejected); not part of the image JSON.
     members: dict[str, str] = dataclasses.field(default_factory=dict)
+    # When it entered pending_delete; it is purged once the grace period has passed.
+    deleted_at: int | None = None
 
     @classmethod
     def new(cls, owner: str, **fields: Any) -> "ImageRecord":

@@ -37,9 +37,29 @@ def test_create_show_list_set_delete(store, tmp_path):
     refused = store.cli("image", "delete", image_id, check=False)
     assert refused.returncode == 1 and "protected" in refused.stderr
     store.cli("image", "set", image_id, "--unprotected")
-    store.cli("image", "delete", image_id)
+    deleted = store.cli("image", "delete", image_id)
+    assert "restorable" in deleted.stderr
+    assert json.loads(store.cli("image", "show", image_id, "--json").stdout)["status"] == \
+        "pending_delete"
+    assert store.cli("image", "scrub").stdout.strip() == "0"  # still in its grace period
+    store.cli("image", "restore", image_id)
+    assert json.loads(store.cli("image", "show", image_id, "--json").stdout)["status"] == \
+        "active"
+    store.cli("image", "delete", "--now", image_id)
     gone = store.cli("image", "show", image_id, check=False)
     assert gone.returncode == 1 and "no image with id" in gone.stderr
+    for key in (f"data/{image_id}", f"blocks/{image_id}"):
+        with pytest.raises(Exception):
+            store.read_object(key)
+
+
+def test_scrub_purges_after_the_grace_period(file_store, tmp_path):
+    image_id = file_store.create(make_file(tmp_path / "a.raw", 4096), "acme")
+    file_store.cli("image", "delete", image_id)
+    config = tmp_path / "grace.toml"
+    config.write_text("delete_grace = 0.0\n")
+    assert file_store.cli("image", "scrub", "--config", str(config)).stdout.strip() == "1"
+    assert file_store.cli("image", "show", image_id, check=False).returncode == 1
 
 
 def test_create_json_prints_glance_form(file_store, tmp_path):

@@ -1,0 +1,337 @@
+"""Inbox uploads: files written into inbox/<project>/ become images.
+
+A file is committed once no writer has it open and it has not changed for `settle_time`
+(tools like qemu-img and rsync close and reopen or rename their targets, so "last close"
+is not enough). Then the shared pipeline inspects, hashes and uploads it, the manifest is
+written last, and the entry leaves the inbox. A rejected file leaves `<name>.error`.
+Transient store failures are retried with backoff; spools survive restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from imagefs import manifest as mf
+from imagefs.catalog import CatalogStore
+from imagefs.errors import (ImageNotFound, InvalidValue, NoSuchAttribute, NotPermitted,
+                            StoreError)
+from imagefs.naming import clean_component
+from imagefs.pipeline import upload_image
+from imagefs.records import (MUTABLE_FIELDS, ImageRecord, parse_field, validate_project)
+from imagefs.spool import Spool, SpoolRecord
+
+log = logging.getLogger(__name__)
+
+_INBOX_BIT = 1 << 59
+ERROR_SUFFIX = ".error"
+# Fields a file may carry into its image, set as user.glance.* xattrs before the commit.
+UPLOAD_FIELDS = MUTABLE_FIELDS | {"disk_format", "container_format"}
+_RETRY_FIRST, _RETRY_MAX = 2.0, 300.0
+
+
+def never_committed(name: str) -> bool:
+    """Temporary names that tools use while writing; they never become images."""
+    return (name.startswith(".") or name.endswith((".part", ".tmp", "~", ERROR_SUFFIX)))
+
+
+def entry_inode(entry_id: str) -> int:
+    digest = hashlib.blake2b(entry_id.encode(), digest_size=8).digest()
+    return _INBOX_BIT | (int.from_bytes(digest, "big") & (_INBOX_BIT - 1))
+
+
+def is_inbox_inode(inode: int) -> bool:
+    return inode & ~(_INBOX_BIT - 1) == _INBOX_BIT
+
+
+@dataclasses.dataclass
+class InboxEntry:
+    record: SpoolRecord
+    writers: int = 0
+    readers: int = 0
+    state: str = "settling"
+    last_change: float = dataclasses.field(default_factory=time.monotonic)
+    not_before: float = 0.0
+    attempts: int = 0
+
+    @property
+    def inode(self) -> int:
+        return entry_inode(self.record.entry_id)
+
+    @property
+    def is_error(self) -> bool:
+        return self.record.kind == "error"
+
+    @property
+    def status(self) -> str:
+        if self.is_error:
+            return "failed"
+        return "writing" if self.writers else self.state
+
+    def touch(self) -> None:
+        self.last_change = time.monotonic()
+        self.record.mtime_ns = time.time_ns()
+
+
+class Inbox:
+    def __init__(self, spool: Spool, catalog_store: CatalogStore, block_size: int,
+                 settle_time: float, on_publish: Callable[[mf.Manifest], None],
+                 known_projects: Callable[[], set[str]]) -> None:
+        self.spool = spool
+        self.catalog_store = catalog_store
+        self.block_size = block_size
+        self.settle_time = settle_time
+        self._on_publish = on_publish
+        self._known_projects = known_projects
+        self._entries: dict[str, dict[str, InboxEntry]] = {}
+        self._by_inode: dict[int, InboxEntry] = {}
+        self._upload_limiter = trio.CapacityLimiter(2)
+        self._io_limiter = trio.CapacityLimiter(4)
+        self.generation = 0
+        for record in spool.scan():
+            self._add(InboxEntry(record))
+        if self._by_inode:
+            log.info("inbox: resuming %d entries left by the previous run", len(self._by_inode))
+
+    # -- the folder view ----------------------------------------------------------------
+
+    def projects(self) -> set[str]:
+        return set(self.spool.projects()) | self._known_projects()
+
+    def add_project(self, project: str) -> None:
+        validate_project(project)
+        self.spool.add_project(project)
+
+    def listing(self, project: str) -> dict[str, InboxEntry]:
+        return dict(self._entries.get(project, {}))
+
+    def lookup(self, project: str, name: str) -> InboxEntry | None:
+        return self._entries.get(project, {}).get(name)
+
+    def by_inode(self, inode: int) -> InboxEntry | None:
+        return self._by_inode.get(inode)
+
+    def size(self, entry: InboxEntry) -> int:
+        if entry.is_error:
+            return len(self.error_text(entry))
+        try:
+            return self.spool.data_path(entry.record).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @staticmethod
+    def error_text(entry: InboxEntry) -> bytes:
+        return entry.record.reason.encode()
+
+    def _add(self, entry: InboxEntry) -> None:
+        self._entries.setdefault(entry.record.project, {})[entry.record.name] = entry
+        self._by_inode[entry.inode] = entry
+        self.generation += 1
+
+    def _drop(self, entry: InboxEntry) -> None:
+        folder = self._entries.get(entry.record.project, {})
+        if folder.get(entry.record.name) is entry:
+            del folder[entry.record.name]
+        self._by_inode.pop(entry.inode, None)
+        self.generation += 1
+
+    # -- writing ------------------------------------------------------------------------
+
+    def create(self, project: str, name: str) -> InboxEntry:
+        if project not in self.projects():
+            raise ImageNotFound(f"no inbox for project {project}")
+        if clean_component(name) != name or name.endswith(ERROR_SUFFIX):
+            raise InvalidValue(f"{name!r} cannot be an inbox file name")
+        entry = InboxEntry(SpoolRecord(str(uuid.uuid4()), project, name))
+        self.spool.create_data(entry.record)
+        self.spool.save(entry.record)
+        old = self.lookup(project, name)
+        if old is not None:
+            self.unlink(old)
+        self._add(entry)
+        return entry
+
+    def check_writable(self, entry: InboxEntry) -> None:
+        if entry.is_error:
+            raise NotPermitted(f"{entry.record.name} is an upload report; rm it to clear it")
+        if entry.state in ("inspecting", "uploading"):
+            raise NotPermitted(f"{entry.record.name} is being uploaded; write a new file")
+
+    def open_data(self, entry: InboxEntry, writable: bool, truncate: bool) -> int:
+        """An fd on the spool data; blocking (local disk)."""
+        if writable:
+            self.check_writable(entry)
+            entry.writers += 1
+            entry.touch()
+        else:
+            entry.readers += 1
+        fd = os.open(self.spool.data_path(entry.record), os.O_RDWR)
+        if truncate:
+            self.truncate(entry, fd, 0)
+        return fd
+
+    def close_data(self, entry: InboxEntry, fd: int, writable: bool) -> None:
+        os.close(fd)
+        if writable:
+            entry.writers -= 1
+            entry.touch()
+            if not entry.writers:
+                self.spool.save(entry.record)
+        else:
+            entry.readers -= 1
+
+    async def write(self, entry: InboxEntry, fd: int, offset: int, data: bytes) -> int:
+        growth = offset + len(data) - self.size(entry)
+        self.spool.reserve(max(growth, 0))
+        try:
+            written = await trio.to_thread.run_sync(os.pwrite, fd, data, offset,
+                                                    limiter=self._io_limiter)
+        except BaseException:
+            self.spool.release(max(growth, 0))
+            raise
+        entry.touch()
+        return written
+
+    async def read(self, fd: int, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, fd, size, offset,
+                                             limiter=self._io_limiter)
+
+    def truncate(self, entry: InboxEntry, fd: int | None, size: int) -> None:
+        self.check_writable(entry)
+        growth = size - self.size(entry)
+        self.spool.reserve(growth) if growth > 0 else self.spool.release(-growth)
+        if fd is not None:
+            os.ftruncate(fd, size)
+        else:
+            os.truncate(self.spool.data_path(entry.record), size)
+        entry.touch()
+
+    def unlink(self, entry: InboxEntry) -> None:
+        if entry.state in ("inspecting", "uploading") and not entry.is_error:
+            raise NotPermitted(f"{entry.record.name} is being uploaded; wait for it "
+                               "(imagefs inbox wait) and delete the image instead")
+        self._drop(entry)
+        self.spool.remove(entry.record)
+
+    def rename(self, entry: InboxEntry, new_project: str, new_name: str) -> None:
+        if entry.is_error or new_name.endswith(ERROR_SUFFIX):
+            raise NotPermitted("upload reports cannot be renamed")
+        self.check_writable(entry)
+        if clean_component(new_name) != new_name:
+            raise InvalidValue(f"{new_name!r} cannot be an inbox file name")
+        if new_project not in self.projects():
+            raise ImageNotFound(f"no inbox for project {new_project}")
+        if new_project != entry.record.project:
+            raise NotPermitted("inbox files cannot move between projects")
+        target = self.lookup(new_project, new_name)
+        if target is not None and target is not entry:
+            self.unlink(target)
+        self._drop(entry)
+        entry.record.name = new_name
+        entry.touch()
+        self.spool.save(entry.record)
+        self._add(entry)
+
+    def set_metadata(self, entry: InboxEntry, key: str, text: str | None) -> None:
+        """Set (or with None remove) a Glance field the image will be created with."""
+        self.check_writable(entry)
+        if text is None:
+            if entry.record.metadata.pop(key, None) is None:
+                raise NoSuchAttribute(f"{key} is not set")
+        else:
+            value = parse_field(key, text)
+            if key in ImageRecord.__dataclass_fields__ and key not in UPLOAD_FIELDS:
+                raise NotPermitted(f"{key} is computed at upload and cannot be set")
+            entry.record.metadata[key] = value
+        entry.touch()
+        self.spool.save(entry.record)
+
+    # -- committing ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit settled entries, forever; at most two uploads at once."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = time.monotonic()
+                for entry in list(self._by_inode.values()):
+                    if self._ready(entry, now):
+                        entry.state = "inspecting"
+                        nursery.start_soon(self._commit, entry)
+                await trio.sleep(min(self.settle_time / 4, 0.25))
+
+    def _ready(self, entry: InboxEntry, now: float) -> bool:
+        return (not entry.is_error and entry.state == "settling" and not entry.writers
+                and now - entry.last_change >= self.settle_time and now >= entry.not_before
+                and not never_committed(entry.record.name) and self.size(entry) > 0)
+
+    async def _commit(self, entry: InboxEntry) -> None:
+        name = f"inbox/{entry.record.project}/{entry.record.name}"
+        try:
+            async with self._upload_limiter:
+                manifest = await trio.to_thread.run_sync(self._upload, entry)
+        except (InvalidValue, NotPermitted) as exc:
+            log.warning("%s rejected: %s", name, exc)
+            self._fail(entry, str(exc))
+            return
+        except StoreError as exc:
+            entry.attempts += 1
+            delay = min(_RETRY_FIRST * 2 ** (entry.attempts - 1), _RETRY_MAX)
+            log.warning("%s: upload failed (%s); retrying in %.0fs (attempt %d)", name, exc,
+                        delay, entry.attempts)
+            entry.state = "settling"
+            entry.not_before = time.monotonic() + delay
+            return
+        except Exception as exc:
+            log.exception("%s: upload failed unexpectedly", name)
+            self._fail(entry, f"internal error: {exc!r}; see the daemon log")
+            return
+        self._on_publish(manifest)
+        self._drop(entry)
+        self.spool.remove(entry.record)
+        stale = self.lookup(entry.record.project, entry.record.name + ERROR_SUFFIX)
+        if stale is not None:  # an earlier attempt's report no longer applies
+            self.unlink(stale)
+        log.info("%s published as image %s (%s, %d bytes)", name, manifest.record.id,
+                 manifest.record.disk_format, manifest.record.size or 0)
+
+    def _upload(self, entry: InboxEntry) -> mf.Manifest:
+        """Blocking: inspect, hash and upload the spool file; publish its manifest."""
+        record = entry.record
+        try:  # published by a run that died before cleaning up?
+            return self.catalog_store.load(record.entry_id)
+        except ImageNotFound:
+            pass
+        fields: dict[str, Any] = {"name": record.name, "container_format": "bare"}
+        fields.update(record.metadata)
+        image = ImageRecord(id=record.entry_id, owner=record.project, status="saving",
+                            **{k: v for k, v in fields.items() if k in UPLOAD_FIELDS})
+        image.properties = {k: v for k, v in fields.items() if k not in UPLOAD_FIELDS
+                            and k != "name"}
+        image.validate()
+
+        def progress(_n: int) -> None:
+            entry.state = "uploading"
+
+        with open(self.spool.data_path(record), "rb") as source:
+            return upload_image(self.catalog_store.store, source, image, self.block_size,
+                                progress)
+
+    def _fail(self, entry: InboxEntry, reason: str) -> None:
+        """Replace the entry with `<name>.error`, explaining why and what to do."""
+        self._drop(entry)
+        self.spool.remove(entry.record)
+        report = SpoolRecord(str(uuid.uuid4()), entry.record.project,
+                             entry.record.name + ERROR_SUFFIX, kind="error",
+                             reason=f"{entry.record.name} was not published: {reason}\n"
+                                    "Fix the file and copy it into the inbox again; "
+                                    "rm this .error file to clear it.\n")
+        self.spool.save(report)
+        self._add(InboxEntry(report, state="failed"))

@@ -1,0 +1,126 @@
+"""The inbox's staging area on local disk: one data file and one metadata file per entry.
+
+    <spool>/<project>/<entry id>.data    the bytes written so far (random writes allowed)
+    <spool>/<project>/<entry id>.meta    msgpack: name, metadata set by xattr, mode, times
+    <spool>/<project>/<entry id>.error   msgpack: name, reason (a rejected upload)
+
+Everything needed to finish or report an upload after a crash is on disk here, so a
+restarted daemon picks up where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from imagefs.errors import QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SpoolRecord:
+    """What the .meta file holds; `kind` is 'upload' or 'error'."""
+
+    entry_id: str
+    project: str
+    name: str
+    kind: str = "upload"
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mode: int = 0o644
+    mtime_ns: int = dataclasses.field(default_factory=time.time_ns)
+    reason: str = ""
+
+
+class Spool:
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.used = 0
+
+    def project_dir(self, project: str) -> Path:
+        return self.root / project
+
+    def data_path(self, record: SpoolRecord) -> Path:
+        return self.root / record.project / f"{record.entry_id}.data"
+
+    def _meta_path(self, record: SpoolRecord) -> Path:
+        suffix = "error" if record.kind == "error" else "meta"
+        return self.root / record.project / f"{record.entry_id}.{suffix}"
+
+    def projects(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def add_project(self, project: str) -> None:
+        self.project_dir(project).mkdir(exist_ok=True)
+
+    def save(self, record: SpoolRecord) -> None:
+        """Write the metadata file atomically (temp + rename)."""
+        path = self._meta_path(record)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(msgpack.packb(dataclasses.asdict(record)))
+        os.replace(tmp, path)
+
+    def create_data(self, record: SpoolRecord) -> None:
+        path = self.data_path(record)
+        path.parent.mkdir(exist_ok=True)
+        path.touch()
+
+    def remove(self, record: SpoolRecord) -> None:
+        """Drop the entry's files; its data's space is released."""
+        data = self.data_path(record)
+        try:
+            self.release(data.stat().st_size)
+            data.unlink()
+        except FileNotFoundError:
+            pass
+        for path in (self._meta_path(record),):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def reserve(self, delta: int) -> None:
+        """Account `delta` more staged bytes, or raise QuotaExceeded (ENOSPC)."""
+        with self._lock:
+            if delta > 0 and self.used + delta > self.limit:
+                raise QuotaExceeded(f"inbox staging area is full ({self.used} of {self.limit} "
+                                    "bytes); wait for uploads to finish or raise spool_size")
+            self.used += delta
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.used = max(self.used - size, 0)
+
+    def scan(self) -> list[SpoolRecord]:
+        """Every entry left on disk (by a previous run); damaged metadata is set aside."""
+        found = []
+        for project in self.projects():
+            for path in sorted(self.project_dir(project).iterdir()):
+                if path.suffix not in (".meta", ".error"):
+                    continue
+                try:
+                    fields = msgpack.unpackb(path.read_bytes())
+                    record = SpoolRecord(**fields)
+                except Exception as exc:
+                    log.error("spool file %s is damaged (%s); moved aside", path, exc)
+                    path.rename(path.with_suffix(path.suffix + ".damaged"))
+                    continue
+                if record.kind == "upload":
+                    data = self.data_path(record)
+                    if not data.exists():
+                        path.unlink()
+                        continue
+                    self.used += data.stat().st_size
+                found.append(record)
+        return found
