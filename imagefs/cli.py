@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "set":
             sub.add_argument("status", choices=MEMBER_STATUSES)
 
+    inbox = top.add_parser("inbox", help="follow uploads written into a mount's inbox")
+    inbox_verbs = inbox.add_subparsers(dest="verb", required=True, metavar="VERB")
+    wait = inbox_verbs.add_parser(
+        "wait", help="wait until an inbox file is published or rejected",
+        description="Block until PATH (a file in <mnt>/inbox/<project>/) is published "
+                    "(prints the image id, exit 0) or rejected (prints the reason, exit 1). "
+                    "Exit 2: not an inbox file, or --timeout passed.")
+    wait.add_argument("path", metavar="PATH")
+    wait.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="give up after this long (default: wait forever)")
+    wait.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     mount = top.add_parser(
         "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mount the image catalog at MOUNTPOINT. Returns once the mount is "
@@ -311,6 +323,12 @@ def cmd_member(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inbox_wait(args: argparse.Namespace) -> int:
+    from imagefs.inbox_wait import wait_for_upload
+
+    return wait_for_upload(Path(args.path), args.timeout)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from imagefs.mount import mount
 
@@ -329,7 +347,7 @@ COMMANDS = {
     ("image", "restore"): cmd_image_restore, ("image", "scrub"): cmd_image_scrub,
     ("image", "set"): cmd_image_set, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
-    ("member", "list"): cmd_member, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+    ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
 }
 
 

@@ -39,6 +39,7 @@ XATTR_PREFIX = "user.glance."
 STATUS_XATTR = "user.imagefs.status"
 ID_XATTR = "user.imagefs.id"
 STATS_XATTR = "user.imagefs.stats"
+PUBLISHED_XATTR = "user.imagefs.published"
 _BLOCK = 4096
 
 
@@ -372,9 +373,13 @@ class Operations(pyfuse3.Operations):
         key = os.fsdecode(name)
         if inode == pyfuse3.ROOT_INODE and key == STATS_XATTR:
             return json.dumps(self._stats(), sort_keys=True).encode()
+        folder = self.namespace.dir_path(inode)
         if is_inbox_inode(inode):
             value = self._inbox_xattrs(self._inbox_entry(inode)).get(key)
-        elif self.namespace.dir_path(inode) is not None or not key.startswith(XATTR_PREFIX):
+        elif folder is not None and folder[:1] == ("inbox",) and len(folder) == 2 \
+                and key == PUBLISHED_XATTR:
+            value = json.dumps(self.inbox.recently_published(folder[1]), sort_keys=True)
+        elif folder is not None or not key.startswith(XATTR_PREFIX):
             value = None
         else:
             items = self._record(_caller(ctx), inode).metadata_items()

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ ERROR_SUFFIX = ".error"
 # Fields a file may carry into its image, set as user.glance.* xattrs before the commit.
 UPLOAD_FIELDS = MUTABLE_FIELDS | {"disk_format", "container_format"}
 _RETRY_FIRST, _RETRY_MAX = 2.0, 300.0
+_RECENT = 1000
 
 
 def never_committed(name: str) -> bool:
@@ -93,6 +95,8 @@ class Inbox:
         self._known_projects = known_projects
         self._entries: dict[str, dict[str, InboxEntry]] = {}
         self._by_inode: dict[int, InboxEntry] = {}
+        # name -> image id of recent publishes, so `inbox wait` can answer after the fact.
+        self._published: dict[str, OrderedDict[str, str]] = {}
         self._upload_limiter = trio.CapacityLimiter(2)
         self._io_limiter = trio.CapacityLimiter(4)
         self.generation = 0
@@ -115,6 +119,9 @@ class Inbox:
 
     def lookup(self, project: str, name: str) -> InboxEntry | None:
         return self._entries.get(project, {}).get(name)
+
+    def recently_published(self, project: str) -> dict[str, str]:
+        return dict(self._published.get(project, {}))
 
     def by_inode(self, inode: int) -> InboxEntry | None:
         return self._by_inode.get(inode)
@@ -294,6 +301,11 @@ class Inbox:
             self._fail(entry, f"internal error: {exc!r}; see the daemon log")
             return
         self._on_publish(manifest)
+        recent = self._published.setdefault(entry.record.project, OrderedDict())
+        recent.pop(entry.record.name, None)
+        recent[entry.record.name] = manifest.record.id
+        while len(recent) > _RECENT:
+            recent.popitem(last=False)
         self._drop(entry)
         self.spool.remove(entry.record)
         stale = self.lookup(entry.record.project, entry.record.name + ERROR_SUFFIX)
