@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,7 @@ class Mount:
         self.path.mkdir()
         self.cache_dir = cache_dir or root / "cache"
         self.log_path = root / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        self.log_path.touch()
         self.extra = extra
         self.env = {**os.environ, **store.env, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -168,6 +170,18 @@ class Mount:
 
 
 @pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A folder every local user can reach (pytest's tmp dirs are root-only).
+
+    Request it before `mount` so it is removed after the mounts in it are gone.
+    """
+    path = Path(tempfile.mkdtemp(prefix="imagefs-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[list[Mount]]:
     """Mounts made by a test; unmounted (lazily, then killed) even when it fails.
 
@@ -187,8 +201,9 @@ def mounts(tmp_path: Path) -> Iterator[list[Mount]]:
 def mount(tmp_path: Path, mounts: list[Mount]):
     """mount(store, **kw) -> a started Mount that the test does not need to stop."""
 
-    def start(store: StoreHandle, **kwargs) -> Mount:  # type: ignore[no-untyped-def]
-        m = Mount(store, tmp_path, **kwargs)
+    def start(store: StoreHandle, root: Path | None = None,
+              **kwargs) -> Mount:  # type: ignore[no-untyped-def]
+        m = Mount(store, root or tmp_path, **kwargs)
         mounts.append(m)
         return m.start()
 
