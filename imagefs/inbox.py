@@ -26,9 +26,10 @@ from imagefs.catalog import CatalogStore
 from imagefs.errors import (ImageNotFound, InvalidValue, NoSuchAttribute, NotPermitted,
                             StoreError)
 from imagefs.naming import clean_component
-from imagefs.pipeline import upload_image
+from imagefs.pipeline import publish, stage_data
 from imagefs.records import (MUTABLE_FIELDS, ImageRecord, parse_field, validate_project)
 from imagefs.spool import Spool, SpoolRecord
+from imagefs.stream_upload import StreamingStage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ ERROR_SUFFIX = ".error"
 UPLOAD_FIELDS = MUTABLE_FIELDS | {"disk_format", "container_format"}
 _RETRY_FIRST, _RETRY_MAX = 2.0, 300.0
 _RECENT = 1000
+MAX_STREAMS = 4  # files staged while being written; others get a full pass at commit
 
 
 def never_committed(name: str) -> bool:
@@ -63,6 +65,7 @@ class InboxEntry:
     last_change: float = dataclasses.field(default_factory=time.monotonic)
     not_before: float = 0.0
     attempts: int = 0
+    stream: StreamingStage | None = None  # staging alongside in-order writes
 
     @property
     def inode(self) -> int:
@@ -113,6 +116,7 @@ class Inbox:
     def add_project(self, project: str) -> None:
         validate_project(project)
         self.spool.add_project(project)
+        self.generation += 1
 
     def listing(self, project: str) -> dict[str, InboxEntry]:
         return dict(self._entries.get(project, {}))
@@ -183,7 +187,22 @@ class Inbox:
         fd = os.open(self.spool.data_path(entry.record), os.O_RDWR)
         if truncate:
             self.truncate(entry, fd, 0)
+        if writable and entry.stream is None and self.size(entry) == 0 \
+                and self._streams < MAX_STREAMS:
+            entry.stream = StreamingStage(self.catalog_store.store,
+                                          self.spool.data_path(entry.record),
+                                          entry.record.entry_id, self.block_size)
         return fd
+
+    @property
+    def _streams(self) -> int:
+        return sum(1 for e in self._by_inode.values() if e.stream is not None)
+
+    def _cancel_stream(self, entry: InboxEntry) -> None:
+        """Blocking: stop the entry's stream and remove what it uploaded."""
+        if entry.stream is not None:
+            entry.stream.cancel()
+            entry.stream = None
 
     def close_data(self, entry: InboxEntry, fd: int, writable: bool) -> None:
         os.close(fd)
@@ -205,6 +224,8 @@ class Inbox:
             self.spool.release(max(growth, 0))
             raise
         entry.touch()
+        if entry.stream is not None:
+            entry.stream.source.wrote(offset, written)
         return written
 
     async def read(self, fd: int, offset: int, size: int) -> bytes:
@@ -219,6 +240,8 @@ class Inbox:
             os.ftruncate(fd, size)
         else:
             os.truncate(self.spool.data_path(entry.record), size)
+        if entry.stream is not None:
+            entry.stream.source.resized(size)
         entry.touch()
 
     def unlink(self, entry: InboxEntry) -> None:
@@ -226,6 +249,7 @@ class Inbox:
             raise NotPermitted(f"{entry.record.name} is being uploaded; wait for it "
                                "(imagefs inbox wait) and delete the image instead")
         self._drop(entry)
+        self._cancel_stream(entry)
         self.spool.remove(entry.record)
 
     def rename(self, entry: InboxEntry, new_project: str, new_name: str) -> None:
@@ -321,24 +345,27 @@ class Inbox:
             return self.catalog_store.load(record.entry_id)
         except ImageNotFound:
             pass
+        staged = None
+        if entry.stream is not None:
+            stream, entry.stream = entry.stream, None
+            staged = stream.result(self.size(entry))
+        if staged is None:
+            with open(self.spool.data_path(record), "rb") as source:
+                staged = stage_data(self.catalog_store.store, source, record.entry_id,
+                                    self.block_size, lambda _n: setattr(entry, "state",
+                                                                        "uploading"))
+        entry.state = "uploading"
         fields: dict[str, Any] = {"name": record.name, "container_format": "bare"}
         fields.update(record.metadata)
         image = ImageRecord(id=record.entry_id, owner=record.project, status="saving",
                             **{k: v for k, v in fields.items() if k in UPLOAD_FIELDS})
-        image.properties = {k: v for k, v in fields.items() if k not in UPLOAD_FIELDS
-                            and k != "name"}
-        image.validate()
-
-        def progress(_n: int) -> None:
-            entry.state = "uploading"
-
-        with open(self.spool.data_path(record), "rb") as source:
-            return upload_image(self.catalog_store.store, source, image, self.block_size,
-                                progress)
+        image.properties = {k: v for k, v in fields.items() if k not in UPLOAD_FIELDS}
+        return publish(self.catalog_store.store, image, staged)
 
     def _fail(self, entry: InboxEntry, reason: str) -> None:
         """Replace the entry with `<name>.error`, explaining why and what to do."""
         self._drop(entry)
+        self._cancel_stream(entry)
         self.spool.remove(entry.record)
         report = SpoolRecord(str(uuid.uuid4()), entry.record.project,
                              entry.record.name + ERROR_SUFFIX, kind="error",

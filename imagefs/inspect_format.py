@@ -37,8 +37,7 @@ class Detected:
 class FormatDetector:
     """Reads through a stream, inspecting as it goes, so data is read once."""
 
-    def __init__(self, source: IO[bytes], declared_format: str | None = None) -> None:
-        self._declared = declared_format
+    def __init__(self, source: IO[bytes]) -> None:
         self._wrapper = fi.InspectWrapper(source)
 
     def read(self, size: int) -> bytes:
@@ -79,14 +78,17 @@ class FormatDetector:
                               "flatten it first (qemu-img convert -O qcow2 SRC DST)") from None
         except fi.ImageFormatError as exc:
             raise UnsafeImage(f"cannot verify the {name} image: {exc}") from None
-        disk_format = _GLANCE_FORMAT.get(name, name)
-        declared = self._declared
-        if declared and declared != disk_format and not (
-                declared in _OPAQUE and disk_format == "raw"):
-            raise UnsafeImage(f"declared disk format {declared} does not match the data, "
-                              f"which is {disk_format}")
         try:
             virtual_size = int(inspector.virtual_size)
         except Exception:  # some formats cannot tell; Glance leaves it null
             virtual_size = None
-        return Detected(declared or disk_format, virtual_size)
+        return Detected(_GLANCE_FORMAT.get(name, name), virtual_size)
+
+
+def check_declared(declared: str | None, detected: Detected) -> str:
+    """The disk_format to record: the declared one if the data agrees, else refuse."""
+    if declared and declared != detected.disk_format and not (
+            declared in _OPAQUE and detected.disk_format == "raw"):
+        raise UnsafeImage(f"declared disk format {declared} does not match the data, "
+                          f"which is {detected.disk_format}")
+    return declared or detected.disk_format

@@ -1,7 +1,10 @@
-"""The upload pipeline shared by `imagefs image create` and (later) the inbox.
+"""The upload pipeline shared by `imagefs image create` and the inbox.
 
-One pass over the data: inspect -> hash (md5, sha512, per-block sha256) -> upload. The
-manifest is written last, so an image is visible only once its data is complete.
+Two steps. `stage_data` makes one pass over the data: inspect, hash (md5, sha512, sha256
+per block) and upload, all at once. `publish` checks the result against the record's
+declared format and writes the block table and then the manifest, so an image is visible
+only once its data is complete. The inbox runs `stage_data` while a file is still being
+written (see stream_upload.py) and `publish` once it has settled.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import hashlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO
 
 from imagefs import manifest as mf
-from imagefs.inspect_format import FormatDetector
+from imagefs.inspect_format import Detected, FormatDetector, check_declared
 from imagefs.records import ImageRecord, now_us
 from imagefs.stores import Store
 
@@ -59,15 +63,28 @@ class _Hashes:
         return bytes(self.blocks)
 
 
-def upload_image(store: Store, source: IO[bytes], record: ImageRecord, block_size: int,
-                 progress: Callable[[int], None] = lambda n: None) -> mf.Manifest:
-    """Upload `source` as the data of `record` and publish it; returns the manifest.
+@dataclass(frozen=True)
+class StagedData:
+    """Image data that is in the store, with what was learnt while it streamed."""
 
-    Raises UnsafeImage (nothing is left in the store) if inspection refuses the data.
+    image_id: str
+    size: int
+    md5: str
+    sha512: str
+    block_size: int
+    table: bytes
+    detected: Detected
+
+
+def stage_data(store: Store, source: IO[bytes], image_id: str, block_size: int,
+               progress: Callable[[int], None] = lambda n: None) -> StagedData:
+    """Inspect, hash and upload `source` as data/<image_id>; nothing is visible yet.
+
+    Raises UnsafeImage (and leaves nothing in the store) if inspection refuses it.
     """
-    detector = FormatDetector(source, record.disk_format)
+    detector = FormatDetector(source)
     hashes = _Hashes(block_size)
-    writer = store.open_writer(mf.data_key(record.id))
+    writer = store.open_writer(mf.data_key(image_id))
     size = 0
     try:
         while piece := detector.read(READ_SIZE):
@@ -79,29 +96,48 @@ def upload_image(store: Store, source: IO[bytes], record: ImageRecord, block_siz
         writer.commit()
     except BaseException:
         writer.abort()
+        hashes.finish()
         raise
-    table = hashes.finish()
-    record.disk_format = detected.disk_format
-    record.virtual_size = detected.virtual_size
-    record.container_format = record.container_format or "bare"
-    record.size = size
-    record.checksum = hashes.md5.hexdigest()
-    record.os_hash_algo = "sha512"
-    record.os_hash_value = hashes.sha512.hexdigest()
-    record.status = "active"
-    record.updated_at = now_us()
-    manifest = mf.Manifest(record=record, block_size=block_size,
-                           blocks_sha256=hashlib.sha256(table).hexdigest())
+    return StagedData(image_id, size, hashes.md5.hexdigest(), hashes.sha512.hexdigest(),
+                      block_size, hashes.finish(), detected)
+
+
+def discard(store: Store, image_id: str) -> None:
+    """Remove what staging and a failed publish may have left; never raises."""
+    for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
+        try:
+            store.delete(key)
+        except Exception as exc:
+            log.warning("could not remove %s after a failed upload: %s", key, exc)
+
+
+def publish(store: Store, record: ImageRecord, staged: StagedData) -> mf.Manifest:
+    """Make staged data the image `record`: block table, then manifest (the commit)."""
+    assert record.id == staged.image_id
     try:
-        store.put(mf.blocks_key(record.id), table)
+        record.disk_format = check_declared(record.disk_format, staged.detected)
+        record.virtual_size = staged.detected.virtual_size
+        record.container_format = record.container_format or "bare"
+        record.size = staged.size
+        record.checksum = staged.md5
+        record.os_hash_algo = "sha512"
+        record.os_hash_value = staged.sha512
+        record.status = "active"
+        record.updated_at = now_us()
+        record.validate()
+        manifest = mf.Manifest(record=record, block_size=staged.block_size,
+                               blocks_sha256=hashlib.sha256(staged.table).hexdigest())
+        store.put(mf.blocks_key(record.id), staged.table)
         store.put(mf.manifest_key(record.id), manifest.encode())
     except BaseException:
-        for key in (mf.blocks_key(record.id), mf.data_key(record.id)):
-            try:
-                store.delete(key)
-            except Exception as exc:
-                log.warning("could not remove %s after a failed upload: %s", key, exc)
+        discard(store, record.id)
         raise
-    log.info("published image %s (%s, %d bytes, %s)", record.id, record.name, size,
+    log.info("published image %s (%s, %d bytes, %s)", record.id, record.name, staged.size,
              record.disk_format)
     return manifest
+
+
+def upload_image(store: Store, source: IO[bytes], record: ImageRecord, block_size: int,
+                 progress: Callable[[int], None] = lambda n: None) -> mf.Manifest:
+    """Stage and publish in one go (the CLI's `image create`)."""
+    return publish(store, record, stage_data(store, source, record.id, block_size, progress))

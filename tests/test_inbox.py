@@ -290,3 +290,47 @@ def test_kill_9_mid_upload_then_remount_publishes(store, mount, tmp_path):
     assert "resuming 1 entries" in second.log()
     assert md5(second / f"by-id/{image_id}") == md5(src)
     assert os.listdir(second / "inbox/acme") == []
+
+
+def _store_bytes(store, image_id: str) -> int:
+    """Data of `image_id` the store holds so far, committed or still being written."""
+    if store.kind == "file":
+        return sum(p.stat().st_size for p in store.object_path("data").glob(f"{image_id}*"))
+    return store.server.s3_counters(bucket=store.bucket)["put_bytes"]
+
+
+def test_in_order_writes_upload_while_the_file_is_written(store, mount, tmp_path):
+    m = mount(store, extra=config(tmp_path))
+    target = m / "inbox/acme/streamed.raw"
+    data = make_file(tmp_path / "s.raw", 48 * MiB, seed=61).read_bytes()
+    with open(target, "wb") as f:
+        image_id = os.getxattr(target, "user.imagefs.id").decode()
+        f.write(data[:40 * MiB])
+        f.flush()
+        deadline = time.monotonic() + 20
+        while _store_bytes(store, image_id) < 16 * MiB:  # uploaded while still open
+            assert time.monotonic() < deadline, "nothing uploaded while writing"
+            time.sleep(0.1)
+        assert os.getxattr(target, "user.imagefs.status") == b"writing"
+        f.write(data[40 * MiB:])
+    assert published(target) == image_id
+    assert hashlib.md5(data).hexdigest() == \
+        os.getxattr(m / f"by-id/{image_id}", "user.glance.checksum").decode()
+    assert (m / f"by-id/{image_id}").read_bytes() == data
+
+
+def test_a_transient_store_failure_is_retried(file_store, mount, tmp_path):
+    m = mount(file_store, extra=config(tmp_path), prelude=(
+        "import imagefs.inbox as inbox\n"
+        "from imagefs.errors import StoreUnavailable\n"
+        "real, calls = inbox.publish, []\n"
+        "def flaky(*args):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) < 3: raise StoreUnavailable('injected outage')\n"
+        "    return real(*args)\n"
+        "inbox.publish = flaky"))
+    src = make_file(tmp_path / "r.raw", 2 * MiB, seed=62)
+    subprocess.run(["cp", str(src), str(m / "inbox/acme/r.raw")], check=True)
+    image_id = published(m / "inbox/acme/r.raw")
+    assert md5(m / f"by-id/{image_id}") == md5(src)
+    assert m.log().count("injected outage") == 2 and "retrying in" in m.log()
