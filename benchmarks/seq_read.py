@@ -834,6 +834,18 @@ class Bench:
         return "\n".join(lines)
 
 
+def _walk(obj: Any, key: str) -> Iterator[float]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key and isinstance(v, (int, float)):
+                yield v
+            else:
+                yield from _walk(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v, key)
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -932,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.results["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
         bench.results["meta"]["busy_steps"] = BUSY_STEPS
         table = bench.markdown()
+        foreign = [v for v in _walk(bench.results["stores"], "foreign_cores")]
+        if foreign:
+            table += (f"\n\nCPU used by other processes during the timed parts: at most "
+                      f"{max(foreign):.2f} cores (redone above {FOREIGN_LIMIT}).")
         if BUSY_STEPS:
             table += ("\n\nWARNING: the machine was busy with other work before: "
                       + "; ".join(BUSY_STEPS) + ". Those figures are skewed.")

@@ -206,7 +206,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             handle = self._open.get(fh) if fh is not None else None
             fd = handle.fd if isinstance(handle, _InboxHandle) else None
-            await trio.to_thread.run_sync(self.inbox.truncate, entry, fd, attr.st_size)
+            self.inbox.truncate(entry, fd, attr.st_size)
         if fields.update_mode:  # kept for the listing; images are always 0644
             entry.record.mode = attr.st_mode & 0o777
         if fields.update_mtime:
@@ -261,7 +261,7 @@ class Operations(pyfuse3.Operations):
             raise NotPermitted("folders are made by the catalog; only inbox/<project> "
                                "can be created")
         project = os.fsdecode(name)
-        await trio.to_thread.run_sync(self.inbox.add_project, project)
+        self.inbox.add_project(project)
         entry = self.namespace.lookup(_caller(ctx), ("inbox",), project)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EIO)
@@ -280,8 +280,7 @@ class Operations(pyfuse3.Operations):
                 if writable:
                     raise NotPermitted("upload reports are read-only")
                 return self._new_handle(_InboxHandle(entry, None, False))
-            fd = await trio.to_thread.run_sync(self.inbox.open_data, entry, writable,
-                                               bool(flags & os.O_TRUNC))
+            fd = self.inbox.open_data(entry, writable, bool(flags & os.O_TRUNC))
             return self._new_handle(_InboxHandle(entry, fd, writable))
         if writable or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -306,9 +305,9 @@ class Operations(pyfuse3.Operations):
         path = self._folder(parent_inode)
         if len(path) != 2 or path[0] != "inbox":
             raise pyfuse3.FUSEError(errno.EROFS)
-        entry = await trio.to_thread.run_sync(self.inbox.create, path[1], os.fsdecode(name))
+        entry = await self.inbox.create(path[1], os.fsdecode(name))
         entry.record.mode = mode & 0o777
-        fd = await trio.to_thread.run_sync(self.inbox.open_data, entry, True, False)
+        fd = self.inbox.open_data(entry, True, False)
         return self._new_handle(_InboxHandle(entry, fd, True)), self._inbox_attrs(entry)
 
     @guarded
@@ -416,7 +415,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if is_inbox_inode(inode):
             entry = self._inbox_entry(inode)
-            await trio.to_thread.run_sync(self.inbox.set_metadata, entry, key, text)
+            self.inbox.set_metadata(entry, key, text)
             return
         await self.gestures.set_field(self._record(caller, inode), key, text)
 
@@ -426,7 +425,7 @@ class Operations(pyfuse3.Operations):
         key = self._glance_key(name)
         if is_inbox_inode(inode):
             entry = self._inbox_entry(inode)
-            await trio.to_thread.run_sync(self.inbox.set_metadata, entry, key, None)
+            self.inbox.set_metadata(entry, key, None)
             return
         await self.gestures.remove_field(self._record(caller, inode), key)
 

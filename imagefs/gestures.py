@@ -53,7 +53,7 @@ class Gestures:
             entry = self.inbox.lookup(folder[1], name)
             if entry is None:
                 raise ImageNotFound(f"no {name} in the inbox of {folder[1]}")
-            await trio.to_thread.run_sync(self.inbox.unlink, entry)
+            await self.inbox.unlink(entry)
             return
         record = self._image(caller, folder, name)
         if folder[:1] == ("tags",):  # rm inside tags/<t>/ only removes that tag
@@ -76,7 +76,7 @@ class Gestures:
             entry = self.inbox.lookup(old_folder[1], old_name)
             if entry is None:
                 raise ImageNotFound(f"no {old_name} in the inbox of {old_folder[1]}")
-            await trio.to_thread.run_sync(self.inbox.rename, entry, new_folder[1], new_name)
+            await self.inbox.rename(entry, new_folder[1], new_name)
             return
         record = self._image(caller, old_folder, old_name)
         if old_folder[:1] == ("by-id",) or new_folder[:1] == ("by-id",):

@@ -87,6 +87,13 @@ class InboxEntry:
 
 
 class Inbox:
+    """The inbox's entries and their commits.
+
+    Entry bookkeeping happens on the trio thread only (FUSE handlers and the commit
+    loop); worker threads do the uploads and stream cancellation, and touch nothing but
+    the entry they were given.
+    """
+
     def __init__(self, spool: Spool, catalog_store: CatalogStore, block_size: int,
                  settle_time: float, on_publish: Callable[[mf.Manifest], None],
                  known_projects: Callable[[], set[str]]) -> None:
@@ -156,7 +163,7 @@ class Inbox:
 
     # -- writing ------------------------------------------------------------------------
 
-    def create(self, project: str, name: str) -> InboxEntry:
+    async def create(self, project: str, name: str) -> InboxEntry:
         if project not in self.projects():
             raise ImageNotFound(f"no inbox for project {project}")
         if clean_component(name) != name or name.endswith(ERROR_SUFFIX):
@@ -166,7 +173,7 @@ class Inbox:
         self.spool.save(entry.record)
         old = self.lookup(project, name)
         if old is not None:
-            self.unlink(old)
+            await self.unlink(old)
         self._add(entry)
         return entry
 
@@ -198,11 +205,11 @@ class Inbox:
     def _streams(self) -> int:
         return sum(1 for e in self._by_inode.values() if e.stream is not None)
 
-    def _cancel_stream(self, entry: InboxEntry) -> None:
-        """Blocking: stop the entry's stream and remove what it uploaded."""
-        if entry.stream is not None:
-            entry.stream.cancel()
-            entry.stream = None
+    async def _cancel_stream(self, entry: InboxEntry) -> None:
+        """Stop the entry's stream and remove what it uploaded (in a worker thread)."""
+        stream, entry.stream = entry.stream, None
+        if stream is not None:
+            await trio.to_thread.run_sync(stream.cancel)
 
     def close_data(self, entry: InboxEntry, fd: int, writable: bool) -> None:
         os.close(fd)
@@ -244,15 +251,15 @@ class Inbox:
             entry.stream.source.resized(size)
         entry.touch()
 
-    def unlink(self, entry: InboxEntry) -> None:
+    async def unlink(self, entry: InboxEntry) -> None:
         if entry.state in ("inspecting", "uploading") and not entry.is_error:
             raise NotPermitted(f"{entry.record.name} is being uploaded; wait for it "
                                "(imagefs inbox wait) and delete the image instead")
         self._drop(entry)
-        self._cancel_stream(entry)
+        await self._cancel_stream(entry)
         self.spool.remove(entry.record)
 
-    def rename(self, entry: InboxEntry, new_project: str, new_name: str) -> None:
+    async def rename(self, entry: InboxEntry, new_project: str, new_name: str) -> None:
         if entry.is_error or new_name.endswith(ERROR_SUFFIX):
             raise NotPermitted("upload reports cannot be renamed")
         self.check_writable(entry)
@@ -264,7 +271,7 @@ class Inbox:
             raise NotPermitted("inbox files cannot move between projects")
         target = self.lookup(new_project, new_name)
         if target is not None and target is not entry:
-            self.unlink(target)
+            await self.unlink(target)
         self._drop(entry)
         entry.record.name = new_name
         entry.touch()
@@ -310,7 +317,7 @@ class Inbox:
                 manifest = await trio.to_thread.run_sync(self._upload, entry)
         except (InvalidValue, NotPermitted) as exc:
             log.warning("%s rejected: %s", name, exc)
-            self._fail(entry, str(exc))
+            await self._fail(entry, str(exc))
             return
         except StoreError as exc:
             entry.attempts += 1
@@ -322,7 +329,7 @@ class Inbox:
             return
         except Exception as exc:
             log.exception("%s: upload failed unexpectedly", name)
-            self._fail(entry, f"internal error: {exc!r}; see the daemon log")
+            await self._fail(entry, f"internal error: {exc!r}; see the daemon log")
             return
         self._on_publish(manifest)
         recent = self._published.setdefault(entry.record.project, OrderedDict())
@@ -334,7 +341,7 @@ class Inbox:
         self.spool.remove(entry.record)
         stale = self.lookup(entry.record.project, entry.record.name + ERROR_SUFFIX)
         if stale is not None:  # an earlier attempt's report no longer applies
-            self.unlink(stale)
+            await self.unlink(stale)
         log.info("%s published as image %s (%s, %d bytes)", name, manifest.record.id,
                  manifest.record.disk_format, manifest.record.size or 0)
 
@@ -362,10 +369,10 @@ class Inbox:
         image.properties = {k: v for k, v in fields.items() if k not in UPLOAD_FIELDS}
         return publish(self.catalog_store.store, image, staged)
 
-    def _fail(self, entry: InboxEntry, reason: str) -> None:
+    async def _fail(self, entry: InboxEntry, reason: str) -> None:
         """Replace the entry with `<name>.error`, explaining why and what to do."""
         self._drop(entry)
-        self._cancel_stream(entry)
+        await self._cancel_stream(entry)
         self.spool.remove(entry.record)
         report = SpoolRecord(str(uuid.uuid4()), entry.record.project,
                              entry.record.name + ERROR_SUFFIX, kind="error",
