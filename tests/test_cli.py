@@ -48,9 +48,8 @@ def test_create_show_list_set_delete(store, tmp_path):
     store.cli("image", "delete", "--now", image_id)
     gone = store.cli("image", "show", image_id, check=False)
     assert gone.returncode == 1 and "no image with id" in gone.stderr
-    for key in (f"data/{image_id}", f"blocks/{image_id}"):
-        with pytest.raises(Exception):
-            store.read_object(key)
+    assert store.has_object(f"manifests/{image_id}.msgpack") is False
+    assert not store.has_object(f"data/{image_id}") and not store.has_object(f"blocks/{image_id}")
 
 
 def test_scrub_purges_after_the_grace_period(file_store, tmp_path):

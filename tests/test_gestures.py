@@ -62,8 +62,7 @@ def test_scrubber_purges_after_the_grace_period(store, mount, tmp_path):
     while store.cli("image", "show", image_id, check=False).returncode == 0:
         assert time.monotonic() < deadline, "never purged"
         time.sleep(0.2)
-    with pytest.raises(Exception):
-        store.read_object(f"data/{image_id}")
+    assert not store.has_object(f"data/{image_id}")
 
 
 def test_rm_in_tags_only_removes_the_tag(store, mount, tmp_path):
@@ -146,9 +145,10 @@ def test_setfattr_edits_metadata_and_refuses_bad_values(store, mount, tmp_path):
     for code, cases in refusals.items():
         for op, key, value in cases:
             name = key if "." in key else f"user.glance.{key}"
-            call = (lambda: os.setxattr(path, name, value)) if op == "setxattr" else \
-                (lambda: os.removexattr(path, name))
-            assert errno_of(call) == code, (op, key)
+            if op == "setxattr":
+                assert errno_of(lambda n=name, v=value: os.setxattr(path, n, v)) == code, key
+            else:
+                assert errno_of(lambda n=name: os.removexattr(path, n)) == code, key
     assert show(store, image_id)["min_ram"] == 2048
 
 

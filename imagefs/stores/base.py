@@ -65,5 +65,5 @@ class Store(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
         """Release connections."""
