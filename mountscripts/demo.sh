@@ -51,6 +51,12 @@ for f in by-id/*; do
     if [[ "$want" == "$got" ]]; then echo "ok   $got  $name"; else echo "BAD  $got  $name (want $want)"; status=1; fi
 done
 qemu-img info projects/acme/public/ubuntu-24.04.qcow2 | head -3
+echo
+echo "== uploading through the inbox: cp, then wait for the image to be published"
+qemu-img convert -q -f raw -O qcow2 "$SRC/scratch.raw" "$SRC/snapshot.qcow2"
+cp "$SRC/snapshot.qcow2" inbox/acme/
+"$IMAGEFS" inbox wait inbox/acme/snapshot.qcow2
+ls -l projects/acme/private/
 cd /
 echo
 echo "The catalog stays mounted at $MNT. Unmount with: $IMAGEFS umount $MNT"
