@@ -123,7 +123,7 @@ class Operations(pyfuse3.Operations):
         attrs.generation = 0
         attrs.entry_timeout = attrs.attr_timeout = timeout
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
-        attrs.st_blksize = 128 * 1024
+        attrs.st_blksize = 1 << 20  # cp and friends size their buffers by it
         attrs.st_nlink = 1
         return attrs
 

@@ -29,7 +29,8 @@ def wait_for_upload(path: Path, timeout: float | None) -> int:
     """0 and the image id once published; 1 and the reason if rejected; 2 otherwise."""
     mount_root = path.absolute().parent.parent.parent
     report = path.with_name(path.name + ".error")
-    if mount_root.joinpath("inbox") != path.absolute().parent.parent:
+    if mount_root.joinpath("inbox") != path.absolute().parent.parent \
+            or not path.parent.is_dir():
         raise InvalidValue(f"{path} is not a file in <mount>/inbox/<project>/")
     image_id = _image_id(path)
     if image_id is None:
