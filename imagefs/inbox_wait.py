@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from imagefs.errors import InvalidValue
 
 ID_XATTR = "user.imagefs.id"
 PUBLISHED_XATTR = "user.imagefs.published"
@@ -31,7 +30,9 @@ def wait_for_upload(path: Path, timeout: float | None) -> int:
     report = path.with_name(path.name + ".error")
     if mount_root.joinpath("inbox") != path.absolute().parent.parent \
             or not path.parent.is_dir():
-        raise InvalidValue(f"{path} is not a file in <mount>/inbox/<project>/")
+        print(f"imagefs: error: {path} is not a file in <mount>/inbox/<project>/",
+              file=sys.stderr)
+        return 2
     image_id = _image_id(path)
     if image_id is None:
         if report.exists():
