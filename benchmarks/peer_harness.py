@@ -49,6 +49,7 @@ def load_harness(path: Path):  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("bench_run", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

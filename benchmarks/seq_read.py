@@ -554,7 +554,8 @@ class Bench:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-        return {"size": self.a.size, "seed": self.a.seed, "rand_reads": self.a.rand_reads,
+        return {"args": {k: v for k, v in vars(self.a).items()},
+                "size": self.a.size, "seed": self.a.seed, "rand_reads": self.a.rand_reads,
                 "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
                 "python": platform.python_version(),
                 "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -563,7 +564,8 @@ class Bench:
                 "imagefs_module": first_line([sys.executable, "-c",
                                               "import imagefs; print(imagefs.__file__)"]),
                 "git_commit": first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
-                "weed": first_line([shutil.which("weed") or "weed", "version"]),
+                "weed": first_line([shutil.which("weed") or str(Path(sys.executable).with_name(
+                    "weed")), "version"]),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _dir(self, what: str) -> Path:
@@ -815,22 +817,39 @@ class Bench:
         if swept:
             head = "| chunk_size |"
             for k in swept:
-                head += (f" {k}:// cold seq MB/s | {k}:// rand 4K p50 / p99 ms |"
-                         f" {k}:// store reqs (seq) |")
-            lines += [f"Chunk-size sweep (cold; seq median of {a.repeats}):", "", head,
-                      "|---" * (1 + 3 * len(swept)) + "|"]
+                head += (f" {k}:// cold seq MB/s | {k}:// daemon CPU s |"
+                         f" {k}:// 4K first touch p50 / p99 ms | {k}:// 4K all reads p50 ms |")
+            lines += [f"Chunk-size sweep, all cold: sequential read median of {a.repeats} "
+                      f"(min-max); {a.rand_reads} random 4K reads, of which \"first touch\" "
+                      "are those that had to fetch their chunk from the store:", "", head,
+                      "|---" * (1 + 4 * len(swept)) + "|"]
             for cs in a.chunk_sizes:
                 row = f"| {cs} |"
                 for k in swept:
                     s = stores[k]["sweep"].get(cs)
                     if not s:
-                        row += " - | - | - |"
+                        row += " - | - | - | - |"
                         continue
-                    row += (f" {f(s['cold']['MBps'])} |"
-                            f" {f(s['rand']['p50_ms'], '{:.2f}')} /"
-                            f" {f(s['rand']['p99_ms'], '{:.2f}')} |"
-                            f" {(s['cold']['stats'] or {}).get('store_requests', '-')} |")
+                    runs = s.get("cold_runs") or [s["cold"]]
+                    spread = (f" ({f(min(x['MBps'] for x in runs))}-"
+                              f"{f(max(x['MBps'] for x in runs))})" if len(runs) > 1 else "")
+                    rr = s["rand"]
+                    row += (f" {f(s['cold']['MBps'])}{spread} |"
+                            f" {f(s['cold'].get('daemon_cpu_s'), '{:.1f}')} |"
+                            f" {f(rr.get('miss_p50_ms'), '{:.1f}')} /"
+                            f" {f(rr.get('miss_p99_ms'), '{:.1f}')} (n={rr.get('misses')}) |"
+                            f" {f(rr['p50_ms'], '{:.1f}')} |")
                 lines.append(row)
+            lines.append("")
+        foreign = list(_walk(stores, "foreign_cores"))
+        if foreign:
+            lines.append(f"CPU used by other processes during the timed parts: at most "
+                         f"{max(foreign):.2f} cores (a measurement is redone above "
+                         f"{FOREIGN_LIMIT}, up to --retry-busy times).")
+        busy = self.results["meta"].get("busy_steps") or []
+        if busy:
+            lines.append("WARNING: still busy after the retries: " + "; ".join(busy)
+                         + ". Those figures are skewed.")
         return "\n".join(lines)
 
 
@@ -874,6 +893,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-busy", type=int, default=2, metavar="N",
                    help="redo a measurement (up to N times) when other processes used more "
                         f"than {FOREIGN_LIMIT} of a core during it (default 2)")
+    p.add_argument("--report", metavar="JSON",
+                   help="only print the tables of an earlier run's --json file")
     p.add_argument("--json", dest="json_out", help="also write all results as JSON here")
     p.add_argument("--md", dest="md_out", help="also write the markdown tables here")
     a = p.parse_args(argv)
@@ -902,6 +923,15 @@ def main(argv: list[str] | None = None) -> int:
     global IDLE_WAIT
     a = parse_args(argv)
     IDLE_WAIT = a.wait_idle
+    if a.report:
+        saved = json.loads(Path(a.report).read_text())
+        for key in ("size", "seed", "rand_reads", "repeats", "chunk_sizes"):
+            if key in saved["meta"].get("args", {}):
+                setattr(a, key, saved["meta"]["args"][key])
+        bench = Bench.__new__(Bench)
+        bench.a, bench.results = a, saved
+        print(bench.markdown())
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root (drop_caches and FUSE mounts need it)")
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -944,13 +974,6 @@ def main(argv: list[str] | None = None) -> int:
         bench.results["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
         bench.results["meta"]["busy_steps"] = BUSY_STEPS
         table = bench.markdown()
-        foreign = [v for v in _walk(bench.results["stores"], "foreign_cores")]
-        if foreign:
-            table += (f"\n\nCPU used by other processes during the timed parts: at most "
-                      f"{max(foreign):.2f} cores (redone above {FOREIGN_LIMIT}).")
-        if BUSY_STEPS:
-            table += ("\n\nWARNING: the machine was busy with other work before: "
-                      + "; ".join(BUSY_STEPS) + ". Those figures are skewed.")
         print(table)
         if a.md_out:
             Path(a.md_out).write_text(table + "\n")

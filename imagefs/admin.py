@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from imagefs import manifest as mf
 from imagefs.catalog import CatalogStore
-from imagefs.errors import InvalidValue, NotPermitted
+from imagefs.errors import ImageNotFound, InvalidValue, NotPermitted
 from imagefs.records import ImageRecord, now_us, validate_project
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,24 @@ class CatalogAdmin:
 
         return self.update(image_id, unmark)
 
-    def purge(self, image_id: str) -> None:
+    def purge(self, image_id: str, deleted_before: int | None = None) -> bool:
+        """Remove a deleted image's manifest and data; True if this call purged it.
+
+        The manifest is read fresh: an image restored meanwhile, or deleted again later
+        than `deleted_before`, is left alone, and one purged by another host is done.
+        """
+        try:
+            record = self.catalog_store.load(image_id).record
+        except ImageNotFound:
+            self._on_purge(image_id)
+            return False
+        if record.status != "pending_delete" or (
+                deleted_before is not None and (record.deleted_at or 0) > deleted_before):
+            return False
         self.catalog_store.delete(image_id)
         self._on_purge(image_id)
         log.info("image %s purged", image_id)
+        return True
 
     def scrub(self, grace: float, manifests: list[mf.Manifest] | None = None) -> int:
         """Purge deleted images whose grace period has passed; returns how many."""
@@ -73,8 +87,7 @@ class CatalogAdmin:
         for manifest in manifests if manifests is not None else self.catalog_store.load_all():
             record = manifest.record
             if record.status == "pending_delete" and (record.deleted_at or 0) <= due:
-                self.purge(record.id)
-                purged += 1
+                purged += self.purge(record.id, deleted_before=due)
         return purged
 
     def set_member(self, image_id: str, project: str, status: str | None) -> mf.Manifest:

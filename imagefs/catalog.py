@@ -74,7 +74,6 @@ class CatalogStore:
 
     def delete(self, image_id: str) -> None:
         """Remove the manifest first (the image vanishes at once), then its data."""
-        self.load(image_id)
         self.store.delete(mf.manifest_key(image_id))
         for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
             self.store.delete(key)
@@ -151,6 +150,9 @@ class Catalog:
         self.index = index
         self._entries: dict[str, tuple[str, mf.Manifest]] = {}
         self._lock = threading.Lock()
+        # Local changes since a refresh began must not be undone by what it listed.
+        self._change_seq = 0
+        self._changed_at: dict[str, int] = {}
         self.snapshot = Snapshot(0, {})
 
     def load_cached(self) -> int:
@@ -162,20 +164,25 @@ class Catalog:
 
     def refresh(self) -> bool:
         """Bring the snapshot up to date with the store; True if anything changed."""
+        with self._lock:
+            started = self._change_seq
         etags = self.catalog_store.manifest_etags()
         with self._lock:
             known = dict(self._entries)
         stale = [i for i, etag in etags.items() if known.get(i, (None,))[0] != etag]
         fetched = self.catalog_store.load_many(stale)
-        changed = {i: (etags[i], fetched[i]) for i in fetched}
-        removed = [i for i in known if i not in etags]
+        with self._lock:
+            recent = {i for i, seq in self._changed_at.items() if seq > started}
+            changed = {i: (etags[i], fetched[i]) for i in fetched if i not in recent}
+            removed = [i for i in self._entries if i not in etags and i not in recent]
+            self._changed_at = {i: s for i, s in self._changed_at.items() if i in recent}
+            if changed or removed:
+                for image_id in removed:
+                    del self._entries[image_id]
+                self._entries.update(changed)
+                self._publish()
         if not changed and not removed:
             return False
-        with self._lock:
-            for image_id in removed:
-                self._entries.pop(image_id, None)
-            self._entries.update(changed)
-            self._publish()
         self.index.update(changed, removed)
         log.info("catalog refreshed: %d changed, %d removed, %d images",
                  len(changed), len(removed), len(etags))
@@ -184,11 +191,12 @@ class Catalog:
     def apply(self, manifest: mf.Manifest) -> None:
         """Show a change made here at once, before the next refresh lists it.
 
-        The empty etag makes the next refresh fetch the manifest again, so a change made
+        The empty etag makes a later refresh fetch the manifest again, so a change made
         elsewhere at the same time still wins in the end.
         """
         with self._lock:
             self._entries[manifest.record.id] = ("", manifest)
+            self._note_change(manifest.record.id)
             self._publish()
         self.index.update({manifest.record.id: ("", manifest)}, [])
 
@@ -196,8 +204,13 @@ class Catalog:
         with self._lock:
             if self._entries.pop(image_id, None) is None:
                 return
+            self._note_change(image_id)
             self._publish()
         self.index.update({}, [image_id])
+
+    def _note_change(self, image_id: str) -> None:
+        self._change_seq += 1
+        self._changed_at[image_id] = self._change_seq
 
     def _publish(self) -> None:
         images = {i: m for i, (_etag, m) in self._entries.items()}

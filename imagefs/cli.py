@@ -39,7 +39,7 @@ def _property(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return validate_property(key, value)
-    except InvalidValue as exc:
+    except ImagefsError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

@@ -17,10 +17,6 @@ class InvalidValue(ImagefsError, ValueError):
     errno = errno.EINVAL
 
 
-class ReadOnlyField(ImagefsError):
-    """A catalog field that cannot be changed after creation (id, checksum, size, ...)."""
-
-    errno = errno.EPERM
 
 
 class ImageNotFound(ImagefsError):
@@ -31,6 +27,10 @@ class NotPermitted(ImagefsError):
     """A gesture the catalog refuses: deleting a protected image, renaming by-id/..."""
 
     errno = errno.EPERM
+
+
+class ReadOnlyField(NotPermitted):
+    """A field no one may set: computed (id, checksum, size...) or reserved by Glance."""
 
 
 class NoSuchAttribute(ImagefsError):

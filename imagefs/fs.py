@@ -23,6 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from imagefs import xattrs
 from imagefs.access import Caller
 from imagefs.admin import CatalogAdmin
 from imagefs.errors import NotPermitted, errno_for
@@ -35,11 +36,7 @@ from imagefs.records import ImageRecord, json_text
 
 log = logging.getLogger(__name__)
 
-XATTR_PREFIX = "user.glance."
-STATUS_XATTR = "user.imagefs.status"
-ID_XATTR = "user.imagefs.id"
-STATS_XATTR = "user.imagefs.stats"
-PUBLISHED_XATTR = "user.imagefs.published"
+XATTR_PREFIX = xattrs.GLANCE_PREFIX
 _BLOCK = 4096
 
 
@@ -360,9 +357,9 @@ class Operations(pyfuse3.Operations):
     # -- metadata -----------------------------------------------------------------------
 
     def _inbox_xattrs(self, entry: InboxEntry) -> dict[str, str]:
-        items = {STATUS_XATTR: entry.status}
+        items = {xattrs.STATUS: entry.status}
         if not entry.is_error:
-            items[ID_XATTR] = entry.record.entry_id
+            items[xattrs.IMAGE_ID] = entry.record.entry_id
         items.update({f"{XATTR_PREFIX}{k}": json_text(v)
                       for k, v in entry.record.metadata.items()})
         return items
@@ -370,13 +367,13 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
-        if inode == pyfuse3.ROOT_INODE and key == STATS_XATTR:
+        if inode == pyfuse3.ROOT_INODE and key == xattrs.STATS:
             return json.dumps(self._stats(), sort_keys=True).encode()
         folder = self.namespace.dir_path(inode)
         if is_inbox_inode(inode):
             value = self._inbox_xattrs(self._inbox_entry(inode)).get(key)
         elif folder is not None and folder[:1] == ("inbox",) and len(folder) == 2 \
-                and key == PUBLISHED_XATTR:
+                and key == xattrs.PUBLISHED:
             value = json.dumps(self.inbox.recently_published(folder[1]), sort_keys=True)
         elif folder is not None or not key.startswith(XATTR_PREFIX):
             value = None
@@ -390,7 +387,7 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
-            return [STATS_XATTR.encode()]
+            return [xattrs.STATS.encode()]
         if is_inbox_inode(inode):
             return [k.encode() for k in sorted(self._inbox_xattrs(self._inbox_entry(inode)))]
         if self.namespace.dir_path(inode) is not None:
@@ -414,9 +411,10 @@ class Operations(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if is_inbox_inode(inode):
-            entry = self._inbox_entry(inode)
-            self.inbox.set_metadata(entry, key, text)
+            self.inbox.set_metadata(self._inbox_entry(inode), key, text)
             return
+        if self.namespace.dir_path(inode) is not None:
+            raise NotPermitted("folders carry no metadata")
         await self.gestures.set_field(self._record(caller, inode), key, text)
 
     @guarded
@@ -424,9 +422,10 @@ class Operations(pyfuse3.Operations):
         caller = self._require_admin(ctx)
         key = self._glance_key(name)
         if is_inbox_inode(inode):
-            entry = self._inbox_entry(inode)
-            self.inbox.set_metadata(entry, key, None)
+            self.inbox.set_metadata(self._inbox_entry(inode), key, None)
             return
+        if self.namespace.dir_path(inode) is not None:
+            raise NotPermitted("folders carry no metadata")
         await self.gestures.remove_field(self._record(caller, inode), key)
 
     @guarded

@@ -15,17 +15,9 @@ from imagefs.admin import CatalogAdmin
 from imagefs.errors import (ImageNotFound, NameTaken, NoSuchAttribute, NotPermitted,
                             ReadOnlyField)
 from imagefs.inbox import Inbox
-from imagefs.naming import clean_component, natural_name
+from imagefs.naming import clean_component, natural_name, split_extension
 from imagefs.namespace import MEMBER_FOLDERS, VISIBILITY_FOLDERS, Namespace, Path
 from imagefs.records import MUTABLE_FIELDS, RESERVED_KEYS, ImageRecord, parse_field
-
-
-def _image_name(file_name: str, record: ImageRecord) -> str:
-    """The image name a file name stands for: the name rule's extension comes off."""
-    ext = f".{record.disk_format}" if record.disk_format else ""
-    if ext and file_name.lower().endswith(ext.lower()) and len(file_name) > len(ext):
-        return file_name[: -len(ext)]
-    return file_name
 
 
 class Gestures:
@@ -104,7 +96,7 @@ class Gestures:
 
     async def _set_name(self, caller: Caller, record: ImageRecord, folder: Path,
                         file_name: str, visibility: str | None) -> None:
-        name = _image_name(file_name, record)
+        name = split_extension(file_name, record.disk_format)[0]  # the rule's extension off
         moved = dataclasses.replace(record, name=name,
                                     visibility=visibility or record.visibility)
         clash = self.namespace.lookup(caller, folder, natural_name(moved))

@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+from imagefs import xattrs
 
-ID_XATTR = "user.imagefs.id"
-PUBLISHED_XATTR = "user.imagefs.published"
+
 POLL = 0.2
 
 
 def _image_id(path: Path) -> str | None:
     try:
-        return os.getxattr(path, ID_XATTR).decode()
+        return os.getxattr(path, xattrs.IMAGE_ID).decode()
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENODATA):
             return None
@@ -38,7 +38,7 @@ def wait_for_upload(path: Path, timeout: float | None) -> int:
         if report.exists():
             sys.stdout.write(report.read_text())
             return 1
-        recent = json.loads(os.getxattr(path.parent, PUBLISHED_XATTR) or b"{}")
+        recent = json.loads(os.getxattr(path.parent, xattrs.PUBLISHED) or b"{}")
         if path.name in recent:  # published before we started waiting
             print(recent[path.name])
             return 0
@@ -49,7 +49,7 @@ def wait_for_upload(path: Path, timeout: float | None) -> int:
     published = mount_root / "by-id" / image_id
     while path.exists() and _image_id(path) == image_id:
         if deadline is not None and time.monotonic() > deadline:
-            status = os.getxattr(path, "user.imagefs.status").decode()
+            status = os.getxattr(path, xattrs.STATUS).decode()
             print(f"imagefs: error: {path} is still {status} after {timeout}s",
                   file=sys.stderr)
             return 2

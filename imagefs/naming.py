@@ -27,13 +27,18 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
     return encoded[:max(max_bytes, 0)].decode("utf-8", "ignore")
 
 
+def split_extension(name: str, disk_format: str | None) -> tuple[str, str]:
+    """(stem, extension): the format's extension, kept in the case the name has it."""
+    ext = f".{disk_format}" if disk_format else ""
+    if ext and name.lower().endswith(ext.lower()) and len(name) > len(ext):
+        return name[: -len(ext)], name[-len(ext):]
+    return name, ext
+
+
 def _split(image: ImageRecord) -> tuple[str, str]:
     """(stem, extension) of the natural name; the extension includes its dot."""
-    stem = clean_component(image.name) if image.name else image.id
-    ext = f".{image.disk_format}" if image.disk_format else ""
-    if ext and stem.lower().endswith(ext.lower()) and len(stem) > len(ext):
-        stem, ext = stem[: -len(ext)], stem[-len(ext):]
-    return stem, ext
+    return split_extension(clean_component(image.name) if image.name else image.id,
+                           image.disk_format)
 
 
 def _compose(stem: str, suffix: str, ext: str) -> str:

@@ -103,8 +103,12 @@ def stage_data(store: Store, source: IO[bytes], image_id: str, block_size: int,
 
 
 def discard(store: Store, image_id: str) -> None:
-    """Remove what staging and a failed publish may have left; never raises."""
-    for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
+    """Remove what staging and a failed publish may have left; never raises.
+
+    The manifest goes first: a put that failed may still have landed, and a manifest
+    must never outlive its data.
+    """
+    for key in (mf.manifest_key(image_id), mf.blocks_key(image_id), mf.data_key(image_id)):
         try:
             store.delete(key)
         except Exception as exc:

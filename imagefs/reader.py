@@ -158,11 +158,19 @@ class ImageReader:
 
     async def _load(self, manifest: mf.Manifest, index: int, key: bytes) -> bytes:
         table = await self.block_table(manifest)
-        cached = await trio.to_thread.run_sync(self._cached_verified, manifest, table, index,
-                                               key, limiter=self._lmdb_read_limiter)
+        cached = await trio.to_thread.run_sync(self.cache.get, key,
+                                               limiter=self._lmdb_read_limiter)
         if cached is not None:
-            self.stats.lmdb_hits += 1
-            return cached
+            bad = await trio.to_thread.run_sync(self._bad_block, manifest, table, index, cached,
+                                                limiter=self._cpu_limiter)
+            if bad is None:
+                self.stats.lmdb_hits += 1
+                return cached
+            self.stats.damaged_cache_entries += 1
+            log.error("cached chunk %d of image %s failed verification; refetching",
+                      index, manifest.record.id)
+            await trio.to_thread.run_sync(self.cache.discard, key,
+                                          limiter=self._lmdb_write_limiter)
         chunk = self.image_chunk_size(manifest)
         start = index * chunk
         length = min(chunk, (manifest.record.size or 0) - start)
@@ -184,19 +192,6 @@ class ImageReader:
         else:  # the cache is slower than the store: let the reader wait (backpressure)
             self._pending_writes += 1
             await self._write_back(key, data)
-        return data
-
-    def _cached_verified(self, manifest: mf.Manifest, table: bytes, index: int,
-                         key: bytes) -> bytes | None:
-        data = self.cache.get(key)
-        if data is None:
-            return None
-        if self._bad_block(manifest, table, index, data) is not None:
-            self.stats.damaged_cache_entries += 1
-            log.error("cached chunk %d of image %s failed verification; refetching",
-                      index, manifest.record.id)
-            self.cache.discard(key)
-            return None
         return data
 
     def _bad_block(self, manifest: mf.Manifest, table: bytes, index: int,
@@ -246,6 +241,7 @@ class ImageReader:
                 self._tables[image_id] = table
                 while len(self._tables) > 256:
                     self._tables.popitem(last=False)
+        self._table_locks.pop(image_id, None)  # waiters hold it; later callers hit _tables
         return table
 
     @staticmethod

@@ -118,7 +118,7 @@ def validate_property(key: str, value: Any) -> tuple[str, str]:
     if not isinstance(key, str) or not key or len(key) > MAX_PROPERTY_KEY:
         raise InvalidValue(f"invalid property key {key!r}: 1-{MAX_PROPERTY_KEY} characters")
     if key in RESERVED_KEYS or key.startswith(RESERVED_PREFIX):
-        raise InvalidValue(f"property key {key!r} is reserved by Glance")
+        raise ReadOnlyField(f"property key {key!r} is reserved by Glance")
     if not isinstance(value, str):
         raise InvalidValue(f"property {key!r} must have a string value")
     if len(value) > MAX_PROPERTY_VALUE:

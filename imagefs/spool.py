@@ -37,6 +37,10 @@ class SpoolRecord:
     mode: int = 0o644
     mtime_ns: int = dataclasses.field(default_factory=time.time_ns)
     reason: str = ""
+    # Set while a writer has the file open: a crash then leaves a torn file, not an upload.
+    open_for_write: bool = False
+    # Why a write failed (ENOSPC...); such a file is reported, never published.
+    write_error: str = ""
 
 
 class Spool:
@@ -45,7 +49,7 @@ class Spool:
         self.limit = limit
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.used = 0
+        self.used = 0  # bytes reserved by entries (their sizes); scan() does not count
 
     def project_dir(self, project: str) -> Path:
         return self.root / project
@@ -77,14 +81,8 @@ class Spool:
         path.touch()
 
     def remove(self, record: SpoolRecord) -> None:
-        """Drop the entry's files; its data's space is released."""
-        data = self.data_path(record)
-        try:
-            self.release(data.stat().st_size)
-            data.unlink()
-        except FileNotFoundError:
-            pass
-        for path in (self._meta_path(record),):
+        """Delete the entry's files (blocking: a large file takes a while to unlink)."""
+        for path in (self.data_path(record), self._meta_path(record)):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -97,6 +95,11 @@ class Spool:
                 raise QuotaExceeded(f"inbox staging area is full ({self.used} of {self.limit} "
                                     "bytes); wait for uploads to finish or raise spool_size")
             self.used += delta
+
+    def claim(self, size: int) -> None:
+        """Account bytes already on disk (entries found at start), whatever the limit."""
+        with self._lock:
+            self.used += size
 
     def release(self, size: int) -> None:
         with self._lock:
@@ -116,11 +119,14 @@ class Spool:
                     log.error("spool file %s is damaged (%s); moved aside", path, exc)
                     path.rename(path.with_suffix(path.suffix + ".damaged"))
                     continue
-                if record.kind == "upload":
-                    data = self.data_path(record)
-                    if not data.exists():
-                        path.unlink()
-                        continue
-                    self.used += data.stat().st_size
+                if record.kind == "upload" and not self.data_path(record).exists():
+                    path.unlink()
+                    continue
                 found.append(record)
         return found
+
+    def data_size(self, record: SpoolRecord) -> int:
+        try:
+            return self.data_path(record).stat().st_size
+        except FileNotFoundError:
+            return 0

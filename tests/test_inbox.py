@@ -334,3 +334,59 @@ def test_a_transient_store_failure_is_retried(file_store, mount, tmp_path):
     image_id = published(m / "inbox/acme/r.raw")
     assert md5(m / f"by-id/{image_id}") == md5(src)
     assert m.log().count("injected outage") == 2 and "retrying in" in m.log()
+
+
+def test_a_file_torn_by_a_crash_is_reported_not_published(store, mount, tmp_path):
+    cache = tmp_path / "cache-torn"
+    first = mount(store, cache_dir=cache, extra=config(tmp_path))
+    fd = os.open(first / "inbox/acme/torn.raw", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, os.urandom(3 * MiB))
+    first.process.send_signal(signal.SIGKILL)  # the writer still has it open
+    first.process.wait(timeout=10)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    first.stop()
+    second = mount(store, cache_dir=cache, extra=config(tmp_path))
+    result = wait(second / "inbox/acme/torn.raw")
+    assert result.returncode == 1 and "daemon stopped while the file was being written" in \
+        result.stdout
+    assert os.listdir(second / "by-id") == []
+
+
+def test_a_failed_write_is_reported_not_published(file_store, mount, tmp_path):
+    m = mount(file_store, extra=config(tmp_path, spool_size="4M"))
+    target = m / "inbox/acme/big.raw"
+    result = subprocess.run(["cp", str(make_file(tmp_path / "b.raw", 6 * MiB)), str(target)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    report = wait(target)
+    assert report.returncode == 1 and "staging area is full" in report.stdout
+    assert os.listdir(m / "by-id") == []
+    # the space is free again, and a rejected name can be used again
+    subprocess.run(["cp", str(make_file(tmp_path / "ok.raw", 3 * MiB)), str(target)],
+                   check=True)
+    published(target)
+
+
+def test_unlinked_open_files_give_their_space_back(file_store, mount, tmp_path):
+    m = mount(file_store, extra=config(tmp_path, spool_size="8M"))
+    with open(m / "inbox/acme/gone.raw", "wb") as f:
+        os.unlink(m / "inbox/acme/gone.raw")
+        f.write(os.urandom(6 * MiB))  # still counted while it is open...
+    src = make_file(tmp_path / "fits.raw", 7 * MiB)  # ...and released at close
+    subprocess.run(["cp", str(src), str(m / "inbox/acme/fits.raw")], check=True)
+    published(m / "inbox/acme/fits.raw")
+
+
+def test_one_report_per_name(file_store, mount, tmp_path):
+    m = mount(file_store, extra=config(tmp_path))
+    bad = tmp_path / "bad.qcow2"
+    qemu_img("create", "-f", "qed", str(bad), "1M")
+    for _ in range(2):
+        subprocess.run(["cp", str(bad), str(m / "inbox/acme/bad.qcow2")], check=True)
+        assert wait(m / "inbox/acme/bad.qcow2").returncode == 1
+    assert os.listdir(m / "inbox/acme") == ["bad.qcow2.error"]
+    os.unlink(m / "inbox/acme/bad.qcow2.error")
+    assert os.listdir(m / "inbox/acme") == []

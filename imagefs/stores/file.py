@@ -41,17 +41,26 @@ class _FileWriter(ObjectWriter):
         self._file = open(self._tmp, "wb")
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # a full or failing disk is worth retrying later
+            raise _translate(exc, str(self._target)) from exc
 
     def commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._target)
-        _fsync_dir(self._target.parent)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._target)
+            _fsync_dir(self._target.parent)
+        except OSError as exc:
+            raise _translate(exc, str(self._target)) from exc
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass
         try:
             self._tmp.unlink()
         except OSError:

@@ -26,6 +26,7 @@ _TEMP_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailabl
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                  "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_PARTS_IN_FLIGHT = 4  # per upload: bounds its memory to 4 parts
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:
@@ -76,12 +77,15 @@ class _MultipartWriter(ObjectWriter):
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         # At most this many parts in memory at once (in flight or queued).
-        self._slots = threading.BoundedSemaphore(store.settings.max_connections // 2 or 1)
+        self._slots = threading.BoundedSemaphore(_PARTS_IN_FLIGHT)
+
+    def _part_size(self) -> int:
+        """Doubles every 1,000 parts, so S3's 10,000-part cap is never reached (~16 TiB)."""
+        return self._store.settings.part_size << (len(self._parts) // 1000)
 
     def write(self, data: bytes) -> None:
         self._buffer += data
-        part_size = self._store.settings.part_size
-        while len(self._buffer) >= part_size:
+        while len(self._buffer) >= (part_size := self._part_size()):
             self._submit(bytes(self._buffer[:part_size]))
             del self._buffer[:part_size]
 

@@ -1,0 +1,64 @@
+"""Catalog and admin logic against a real file:// store, without FUSE."""
+
+from __future__ import annotations
+
+import io
+
+from imagefs.admin import CatalogAdmin
+from imagefs.cache import open_environment
+from imagefs.catalog import Catalog, CatalogIndex, CatalogStore
+from imagefs.pipeline import upload_image
+from imagefs.records import ImageRecord
+from imagefs.stores import open_store
+
+
+def setup(tmp_path):
+    (tmp_path / "store").mkdir()
+    catalog_store = CatalogStore(open_store(f"file://{tmp_path / 'store'}"))
+    env = open_environment(tmp_path / "cache", 1 << 20)
+    catalog = Catalog(catalog_store, CatalogIndex(env, catalog_store.store.url))
+    return catalog_store, catalog
+
+
+def create(catalog_store, name="x"):
+    record = ImageRecord.new("acme", name=name, status="saving")
+    return upload_image(catalog_store.store, io.BytesIO(b"z" * 5000), record, 1024)
+
+
+def test_a_refresh_does_not_undo_changes_made_while_it_ran(tmp_path):
+    catalog_store, catalog = setup(tmp_path)
+    old = create(catalog_store, "old")
+    catalog.refresh()
+    admin = CatalogAdmin(catalog_store, on_change=catalog.apply)
+    real_etags = catalog_store.manifest_etags
+    made = {}
+
+    def etags_then_local_changes():
+        listed = real_etags()  # the listing predates the changes below
+        made["new"] = create(catalog_store, "new")
+        catalog.apply(made["new"])
+        admin.update(old.record.id, lambda r: setattr(r, "min_ram", 4096))
+        return listed
+
+    catalog_store.manifest_etags = etags_then_local_changes
+    catalog.refresh()
+    catalog_store.manifest_etags = real_etags
+    assert made["new"].record.id in catalog.snapshot.images, "a new image vanished"
+    assert catalog.snapshot.record(old.record.id).min_ram == 4096, "a change was undone"
+    catalog.refresh()  # and the next refresh agrees with the store
+    assert catalog.snapshot.record(old.record.id).min_ram == 4096
+    assert made["new"].record.id in catalog.snapshot.images
+
+
+def test_scrub_never_purges_an_image_restored_meanwhile(tmp_path):
+    catalog_store, catalog = setup(tmp_path)
+    admin = CatalogAdmin(catalog_store)
+    image = create(catalog_store)
+    admin.delete(image.record.id, grace=3600)
+    stale = catalog_store.load_all()  # a snapshot taken while it was deleted
+    admin.restore(image.record.id)
+    assert admin.scrub(0, stale) == 0
+    assert catalog_store.load(image.record.id).record.status == "active"
+    admin.delete(image.record.id, grace=3600)
+    assert admin.scrub(0) == 1
+    assert admin.scrub(0, stale) == 0  # purged already (e.g. by another host): no error
