@@ -12,7 +12,8 @@ deterministic random image with `imagefs image create`, mounts it with
               cache dropped
   page cache  the same file again on the same mount (kernel page cache warm)
   warm        unmount, drop caches, remount on the same cache dir, read again: the
-              data must come from the LMDB cache (checked with user.imagefs.stats)
+              data must come from the LMDB cache (checked with user.imagefs.stats);
+              then, on that mount, random 4 KiB reads served by the LMDB cache
   rand 4K     cold 4 KiB reads at random offsets (one in each 1/N of the image, in
               random order) on a fresh mount with an empty cache; O_DIRECT if the
               filesystem takes it, else buffered preads after drop_caches
@@ -258,7 +259,8 @@ def rand_read(path: Path | str, offsets: list[int], source: Path,
     """Timed 4 KiB preads (O_DIRECT when possible); content checked against `source`.
 
     `stats` (a callable returning the imagefs stats dict) is read between reads, outside
-    the timing, to tell reads that went to the store from reads served from memory."""
+    the timing, to tell reads that went to the store ("misses") and reads served from
+    the LMDB cache ("lmdb") from reads served from the daemon's memory."""
     try:
         fd, direct = os.open(path, os.O_RDONLY | os.O_DIRECT), True
     except OSError:
@@ -267,17 +269,22 @@ def rand_read(path: Path | str, offsets: list[int], source: Path,
     buf = mmap.mmap(-1, 4096)  # page aligned, as O_DIRECT wants
     lats: list[float] = []
     miss_lats: list[float] = []
+    lmdb_lats: list[float] = []
     bad = 0
     try:
         with open(source, "rb") as src:
             for off in offsets:
-                before = stats()["store_requests"] if stats else None
+                before = stats() if stats else None
                 t0 = time.perf_counter()
                 got = os.preadv(fd, [buf], off)
                 lat = (time.perf_counter() - t0) * 1e3
                 lats.append(lat)
-                if stats and stats()["store_requests"] > before:
-                    miss_lats.append(lat)
+                if before is not None:
+                    after = stats()
+                    if after["store_requests"] > before["store_requests"]:
+                        miss_lats.append(lat)
+                    elif after.get("lmdb_hits", 0) > before.get("lmdb_hits", 0):
+                        lmdb_lats.append(lat)
                 src.seek(off)
                 bad += got != 4096 or buf[:] != src.read(4096)
     finally:
@@ -286,7 +293,8 @@ def rand_read(path: Path | str, offsets: list[int], source: Path,
            "p99_ms": pct(lats, 99), "mean_ms": statistics.fmean(lats), "max_ms": max(lats)}
     if stats:
         out.update(misses=len(miss_lats), miss_p50_ms=pct(miss_lats, 50),
-                   miss_p99_ms=pct(miss_lats, 99))
+                   miss_p99_ms=pct(miss_lats, 99), lmdb=len(lmdb_lats),
+                   lmdb_p50_ms=pct(lmdb_lats, 50), lmdb_p99_ms=pct(lmdb_lats, 99))
     return out
 
 
@@ -563,7 +571,9 @@ class Bench:
                 "imagefs": first_line([*IMAGEFS, "--version"]),
                 "imagefs_module": first_line([sys.executable, "-c",
                                               "import imagefs; print(imagefs.__file__)"]),
-                "git_commit": first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+                "git_commit": first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]) or (
+                    (REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").exists()
+                    else None),
                 "weed": first_line([shutil.which("weed") or str(Path(sys.executable).with_name(
                     "weed")), "version"]),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -649,6 +659,7 @@ class Bench:
                      daemon_cpu_s=(c1 - c0) if c0 is not None and c1 is not None else None,
                      s3=delta(k0, k1),
                      verify=verify(path, self.source, self.a.size, self.a.seed))
+            r["rand"] = self._warm_rand(m, store, path, tag)
         d = r["stats"] or {}
         r["from_lmdb"] = d.get("store_bytes", 0) == 0 and d.get("lmdb_hits", 0) > 0
         log(f"{store.kind} [{tag}] warm (LMDB) seq: {r['MBps']:.0f} MB/s")
@@ -657,6 +668,29 @@ class Bench:
         if not r["from_lmdb"]:
             log(f"WARNING: warm read was not served from the LMDB cache alone: {d}")
         return r
+
+    def _warm_rand(self, m: Mount, store: StoreKind, path: Path, tag: str) -> dict[str, Any]:
+        """Random 4K reads served by the LMDB cache (the daemon's memory holds only the
+        last memory_cache bytes read): the steady state of a booted VM."""
+        drop_caches(f"{store.kind} [{tag}] warm rand 4K")
+        offsets = rand_offsets(self.a.size, self.a.rand_reads, self.a.seed + 1)
+        s0 = m.stats()
+        with CpuWatch(m.proc.pid, store.server_pgid()) as w:
+            rr = rand_read(path, offsets, self.source, stats=m.stats)
+        w.record(rr)
+        rr["stats"] = delta(s0, m.stats())
+        log(f"{store.kind} [{tag}] warm random 4K: p50 {rr['p50_ms']:.2f} ms, p99 "
+            f"{rr['p99_ms']:.2f} ms ({rr['lmdb']} of {rr['n']} from LMDB, LMDB p50 "
+            f"{rr['lmdb_p50_ms'] or 0:.2f} ms)")
+        return rr
+
+    def warm_rand(self, store: StoreKind, image_id: str, config: Path, cache: Path,
+                  tag: str) -> dict[str, Any]:
+        """Remount on a filled cache dir; random 4K reads only."""
+        with self.mount(store, cache, config, tag + "-warm") as m:
+            path = m.mnt / "by-id" / image_id
+            os.stat(path)
+            return self._warm_rand(m, store, path, tag)
 
     def cold_rand(self, store: StoreKind, image_id: str, config: Path,
                   tag: str) -> dict[str, Any]:
@@ -722,7 +756,7 @@ class Bench:
                     res["warm"] = self.clean(
                         f"{store.kind} warm seq",
                         lambda: self.warm_seq(store, image_id, default_cfg, cache, "default"),
-                        fc)
+                        lambda r: max(r["foreign_cores"], r["rand"]["foreign_cores"]))
                 shutil.rmtree(cache, ignore_errors=True)
             res["cold_runs"] = colds
             res["cold"] = sorted(colds, key=lambda r: r["MBps"])[(len(colds) - 1) // 2]
@@ -733,12 +767,16 @@ class Bench:
             cfg = self.config(cs)
             sweep = res.setdefault("sweep", {}).setdefault(cs, {})
             runs = []
-            for _rep in range(self.a.repeats):
+            for rep in range(self.a.repeats):
                 seq, cache = self.clean(
                     f"{store.kind} chunk {cs} cold seq",
                     lambda: self.cold_seq(store, image_id, cfg, f"chunk-{cs}"), seq_fc, drop)
-                shutil.rmtree(cache, ignore_errors=True)
                 runs.append(seq["cold"])
+                if rep == self.a.repeats - 1:
+                    sweep["warm_rand"] = self.clean(
+                        f"{store.kind} chunk {cs} warm rand 4K",
+                        lambda: self.warm_rand(store, image_id, cfg, cache, f"chunk-{cs}"), fc)
+                shutil.rmtree(cache, ignore_errors=True)
             sweep["cold_runs"] = runs
             sweep["cold"] = sorted(runs, key=lambda r: r["MBps"])[(len(runs) - 1) // 2]
             sweep["rand"] = self.clean(
@@ -803,6 +841,13 @@ class Bench:
                            f"{f(r['rand'].get('miss_p99_ms'), '{:.2f}')}"),
                 ("  O_DIRECT / wrong reads",
                  lambda r: f"{'yes' if r['rand']['direct'] else 'no'} / {r['rand']['bad']}"),
+                ("imagefs random 4K, warm LMDB cache, p50 / p99 (ms)",
+                 lambda r: f"{f(r['warm']['rand']['p50_ms'], '{:.2f}')} / "
+                           f"{f(r['warm']['rand']['p99_ms'], '{:.2f}')}"),
+                ("  reads served from LMDB: n, p50 / p99 (ms)",
+                 lambda r: f"{r['warm']['rand']['lmdb']}, "
+                           f"{f(r['warm']['rand']['lmdb_p50_ms'], '{:.2f}')} / "
+                           f"{f(r['warm']['rand']['lmdb_p99_ms'], '{:.2f}')}"),
             ]
             for label, fn in rows:
                 cells = []
@@ -818,17 +863,19 @@ class Bench:
             head = "| chunk_size |"
             for k in swept:
                 head += (f" {k}:// cold seq MB/s | {k}:// daemon CPU s |"
-                         f" {k}:// 4K first touch p50 / p99 ms | {k}:// 4K all reads p50 ms |")
+                         f" {k}:// 4K first touch p50 / p99 ms | {k}:// 4K all reads p50 ms |"
+                         f" {k}:// 4K from LMDB p50 / p99 ms |")
             lines += [f"Chunk-size sweep, all cold: sequential read median of {a.repeats} "
                       f"(min-max); {a.rand_reads} random 4K reads, of which \"first touch\" "
-                      "are those that had to fetch their chunk from the store:", "", head,
-                      "|---" * (1 + 4 * len(swept)) + "|"]
+                      "are those that had to fetch their chunk from the store; \"from LMDB\": "
+                      "random 4K reads after a remount on the filled cache:", "", head,
+                      "|---" * (1 + 5 * len(swept)) + "|"]
             for cs in a.chunk_sizes:
                 row = f"| {cs} |"
                 for k in swept:
                     s = stores[k]["sweep"].get(cs)
                     if not s:
-                        row += " - | - | - | - |"
+                        row += " - | - | - | - | - |"
                         continue
                     runs = s.get("cold_runs") or [s["cold"]]
                     spread = (f" ({f(min(x['MBps'] for x in runs))}-"
@@ -839,6 +886,9 @@ class Bench:
                             f" {f(rr.get('miss_p50_ms'), '{:.1f}')} /"
                             f" {f(rr.get('miss_p99_ms'), '{:.1f}')} (n={rr.get('misses')}) |"
                             f" {f(rr['p50_ms'], '{:.1f}')} |")
+                    wr = s.get("warm_rand") or {}
+                    row += (f" {f(wr.get('lmdb_p50_ms'), '{:.1f}')} /"
+                            f" {f(wr.get('lmdb_p99_ms'), '{:.1f}')} |")
                 lines.append(row)
             lines.append("")
         foreign = list(_walk(stores, "foreign_cores"))

@@ -41,7 +41,8 @@ def open_environment(path: Path, cache_size: int) -> lmdb.Environment:
     """
     path.mkdir(parents=True, exist_ok=True)
     map_size = cache_size + max(cache_size // 4, 256 << 20) + _CATALOG_ALLOWANCE
-    kwargs = dict(map_size=map_size, max_dbs=16, subdir=True, readahead=False,
+    # readahead stays on: a chunk is a run of contiguous overflow pages, read whole.
+    kwargs = dict(map_size=map_size, max_dbs=16, subdir=True, readahead=True,
                   sync=False, metasync=False, max_readers=512, lock=True)
     try:
         return lmdb.open(str(path / "lmdb"), **kwargs)
