@@ -31,6 +31,7 @@ from imagefs.stores import open_store
 
 log = logging.getLogger(__name__)
 _FLUSH_INTERVAL = 2.0
+_DRAIN_TIMEOUT = 10.0  # at unmount, how long to wait for chunks still being cached
 
 
 def _mounted(path: Path) -> bool:
@@ -219,6 +220,8 @@ class Daemon:
             nursery.start_soon(self._signal_loop)
             nursery.start_soon(self.inbox.run)
             await pyfuse3.main()
+            with trio.move_on_after(_DRAIN_TIMEOUT):
+                await self.reader.drain()
             nursery.cancel_scope.cancel()
 
     async def _refresh_loop(self) -> None:

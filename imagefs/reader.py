@@ -106,6 +106,11 @@ class ImageReader:
         """Background work (prefetch, cache writes) runs in the daemon's nursery."""
         self._nursery = nursery
 
+    async def drain(self) -> None:
+        """Wait until fetched chunks are all written to the cache (before unmounting)."""
+        while self._pending_writes:
+            await trio.sleep(0.01)
+
     def image_chunk_size(self, manifest: mf.Manifest) -> int:
         block = manifest.block_size
         return max(block, self.chunk_size // block * block)
