@@ -2,14 +2,16 @@
 
 One environment per cache dir (py-lmdb's rule: one Environment per path per process).
 Named databases:
-  chunks  chunk key -> header + data      header = magic, crc32, length
+  chunks  chunk key -> header + data      header = magic, length
   cmeta   chunk key -> last-use sequence number + size
   lru     sequence number + chunk key -> ''   (oldest first: the eviction order)
   meta    bookkeeping (total cached bytes, next sequence number)
 Other modules (the catalog index) open their own named databases in the same env.
 
 Every method blocks; the daemon calls them from worker threads, writes under a
-capacity limiter of one. A damaged entry is a miss, never an error.
+capacity limiter of one. A damaged entry is a miss, never an error: the header catches
+truncation, and the reader checks every block it takes against the image's sha256
+block table, so there is no checksum of the whole value (a 4 KiB read would pay for it).
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ import logging
 import shutil
 import struct
 import threading
-import zlib
 from pathlib import Path
 
 import lmdb
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"IFC1"
-_HEADER = struct.Struct(">4sII")
+_MAGIC = b"IFC2"
+_HEADER = struct.Struct(">4sI")
 _SEQ = struct.Struct(">Q")
 _CMETA = struct.Struct(">QQ")
 LOW_WATER = 0.9  # evict down to this fraction of the cap, so eviction runs in batches
@@ -72,30 +73,35 @@ class ChunkCache:
 
     # -- reads --------------------------------------------------------------------------
 
-    def get(self, key: bytes) -> bytes | None:
-        """The cached chunk, or None. Damaged entries are reported and then ignored."""
+    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
+        """`length` bytes at `start` of a cached chunk, or None (a miss).
+
+        Copies only the range out of the memory map. A damaged header is reported,
+        dropped, and a miss.
+        """
         with self.env.begin(db=self._chunks, buffers=True) as txn:
             raw = txn.get(key)
             if raw is None:
                 return None
-            data = self._unwrap(raw)
-        if data is None:
-            log.error("cache entry %s is damaged; it will be refetched", key.hex())
-            self.discard(key)
-            return None
-        with self._touched_lock:
-            self._touched.add(key)
-        return data
+            if len(raw) >= _HEADER.size:
+                magic, stored = _HEADER.unpack_from(raw)
+                if magic == _MAGIC and stored == len(raw) - _HEADER.size and \
+                        start + length <= stored:
+                    data = bytes(raw[_HEADER.size + start:_HEADER.size + start + length])
+                    with self._touched_lock:
+                        self._touched.add(key)
+                    return data
+        log.error("cache entry %s is damaged; it will be refetched", key.hex())
+        self.discard(key)
+        return None
 
-    @staticmethod
-    def _unwrap(raw: memoryview) -> bytes | None:
-        if len(raw) < _HEADER.size:
-            return None
-        magic, crc, length = _HEADER.unpack_from(raw)
-        body = bytes(raw[_HEADER.size:])
-        if magic != _MAGIC or length != len(body) or zlib.crc32(body) != crc:
-            return None
-        return body
+    def get(self, key: bytes) -> bytes | None:
+        """A whole cached chunk, or None."""
+        with self.env.begin(db=self._chunks, buffers=True) as txn:
+            raw = txn.get(key)
+            stored = _HEADER.unpack_from(raw)[1] if raw is not None and \
+                len(raw) >= _HEADER.size else 0
+        return self.get_range(key, 0, stored) if raw is not None else None
 
     def total_bytes(self) -> int:
         with self.env.begin(db=self._meta) as txn:
@@ -111,7 +117,7 @@ class ChunkCache:
         """Cache one chunk, evicting the least recently used ones to stay under the cap."""
         if len(data) > self.cap:
             return
-        value = _HEADER.pack(_MAGIC, zlib.crc32(data), len(data)) + data
+        value = _HEADER.pack(_MAGIC, len(data)) + data
         try:
             self._put(key, value, len(data))
         except lmdb.MapFullError:

@@ -1,9 +1,12 @@
 """Verified reads of image data: memory -> LMDB chunk cache -> ranged GETs from the store.
 
-Every block is checked against the sha256 recorded at upload before it is cached or
-returned. Concurrent misses of one chunk share one fetch (single-flight); sequential
-readers get a prefetch window that grows while they stay sequential and resets on seek.
-All blocking work runs in worker threads under explicit capacity limiters.
+The unit of verification is the image's block (its manifest says how big, 1 MiB by
+default): every block is checked against the sha256 recorded at upload before it is
+cached or returned, and a read touches only the blocks it needs — a 4 KiB random read
+served from LMDB hashes one block, not a whole chunk. The unit of fetching and caching is
+the chunk (a multiple of the block). Concurrent misses share one fetch (single-flight);
+sequential readers get a prefetch window that grows while they stay sequential and resets
+on seek. All blocking work runs in worker threads under explicit capacity limiters.
 """
 
 from __future__ import annotations
@@ -53,24 +56,24 @@ class _Flight:
     error: BaseException | None = None
 
 
-class _MemoryChunks:
-    """A byte-bounded LRU of verified chunks, so hot chunks are not re-hashed per read."""
+class _MemoryBlocks:
+    """A byte-bounded LRU of verified blocks, so hot data is not re-hashed per read."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self._bytes = 0
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: tuple[bytes, int]) -> bytes | None:
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
         return data
 
-    def __contains__(self, key: bytes) -> bool:
+    def __contains__(self, key: tuple[bytes, int]) -> bool:
         return key in self._items
 
-    def put(self, key: bytes, data: bytes) -> None:
+    def put(self, key: tuple[bytes, int], data: bytes) -> None:
         if key in self._items or len(data) > self.capacity:
             return
         self._items[key] = data
@@ -78,6 +81,41 @@ class _MemoryChunks:
         while self._bytes > self.capacity:
             _key, old = self._items.popitem(last=False)
             self._bytes -= len(old)
+
+
+class _Geometry:
+    """Where block `b` of an image lives: its chunk, its place in the chunk, its size."""
+
+    def __init__(self, manifest: mf.Manifest, chunk_size: int) -> None:
+        self.manifest = manifest
+        self.size = manifest.record.size or 0
+        self.block = manifest.block_size
+        self.chunk = max(self.block, chunk_size // self.block * self.block)
+        self.blocks_per_chunk = self.chunk // self.block
+
+    def key(self, chunk: int) -> bytes:
+        record = self.manifest.record
+        return chunk_key(record.id, record.os_hash_value or "", self.chunk, chunk)
+
+    def chunk_of(self, block: int) -> int:
+        return block // self.blocks_per_chunk
+
+    def chunk_length(self, chunk: int) -> int:
+        return min(self.chunk, self.size - chunk * self.chunk)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """(offset inside its chunk, length) of a block."""
+        start = (block % self.blocks_per_chunk) * self.block
+        return start, min(self.block, self.size - block * self.block)
+
+    def blocks_of(self, chunk: int) -> range:
+        first = chunk * self.blocks_per_chunk
+        return range(first, min(first + self.blocks_per_chunk, -(-self.size // self.block)))
+
+
+def _block_ok(table: bytes, block: int, data: bytes | memoryview) -> bool:
+    return hashlib.sha256(data).digest() == \
+        table[block * mf.DIGEST_SIZE:(block + 1) * mf.DIGEST_SIZE]
 
 
 class ImageReader:
@@ -90,10 +128,10 @@ class ImageReader:
         self.chunk_size = chunk_size
         self.prefetch_max = prefetch_max
         self.stats = ReadStats()
-        self._memory = _MemoryChunks(memory_cache)
+        self._memory = _MemoryBlocks(memory_cache)
         self._tables: OrderedDict[str, bytes] = OrderedDict()
         self._table_locks: dict[str, trio.Lock] = {}
-        self._flights: dict[bytes, _Flight] = {}
+        self._flights: dict[object, _Flight] = {}
         self._store_limiter = trio.CapacityLimiter(store_limit)
         self._cpu_limiter = trio.CapacityLimiter(2)
         self._lmdb_read_limiter = trio.CapacityLimiter(8)
@@ -111,48 +149,46 @@ class ImageReader:
         while self._pending_writes:
             await trio.sleep(0.01)
 
-    def image_chunk_size(self, manifest: mf.Manifest) -> int:
-        block = manifest.block_size
-        return max(block, self.chunk_size // block * block)
+    def geometry(self, manifest: mf.Manifest) -> _Geometry:
+        return _Geometry(manifest, self.chunk_size)
 
     # -- the read path ------------------------------------------------------------------
 
     async def read(self, manifest: mf.Manifest, offset: int, size: int,
                    stream: Stream | None = None) -> bytes:
-        image_size = manifest.record.size or 0
-        end = min(offset + size, image_size)
+        geo = self.geometry(manifest)
+        end = min(offset + size, geo.size)
         if offset >= end:
             return b""
-        chunk = self.image_chunk_size(manifest)
-        first, last = offset // chunk, (end - 1) // chunk
         parts = []
-        for index in range(first, last + 1):
-            data = await self.chunk(manifest, index)
-            start = max(offset - index * chunk, 0)
-            stop = min(end - index * chunk, len(data))
-            parts.append(data[start:stop])
+        for block in range(offset // geo.block, (end - 1) // geo.block + 1):
+            data = await self.block(geo, block)
+            base = block * geo.block
+            parts.append(data[max(offset - base, 0):min(end - base, len(data))])
         if stream is not None:
-            self._after_read(manifest, stream, offset, end)
+            self._after_read(geo, stream, offset, end)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def chunk(self, manifest: mf.Manifest, index: int) -> bytes:
-        record = manifest.record
-        chunk = self.image_chunk_size(manifest)
-        key = chunk_key(record.id, record.os_hash_value or "", chunk, index)
+    async def block(self, geo: _Geometry, block: int) -> bytes:
+        """One verified block: memory, else LMDB, else its chunk from the store."""
+        key = (geo.key(geo.chunk_of(block)), block)
         data = self._memory.get(key)
         if data is not None:
             self.stats.memory_hits += 1
             return data
+        return await self._single_flight(key, self._load_block, geo, block)
+
+    async def _single_flight(self, key: object, load, *args) -> bytes:  # type: ignore[no-untyped-def]
+        """Run `load(*args)` once for concurrent callers asking for the same `key`."""
         while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
             if flight.data is not None:
                 return flight.data
-            if flight.error is not None:  # else the fetcher was cancelled: try ourselves
+            if flight.error is not None:  # else the loader was cancelled: try ourselves
                 raise flight.error
         flight = self._flights[key] = _Flight()
         try:
-            flight.data = await self._load(manifest, index, key)
-            self._memory.put(key, flight.data)
+            flight.data = await load(*args)
             return flight.data
         except Exception as exc:
             flight.error = exc
@@ -161,59 +197,62 @@ class ImageReader:
             del self._flights[key]
             flight.done.set()
 
-    async def _load(self, manifest: mf.Manifest, index: int, key: bytes) -> bytes:
-        table = await self.block_table(manifest)
-        cached = await trio.to_thread.run_sync(self.cache.get, key,
-                                               limiter=self._lmdb_read_limiter)
+    async def _load_block(self, geo: _Geometry, block: int) -> bytes:
+        table = await self.block_table(geo.manifest)
+        chunk = geo.chunk_of(block)
+        start, length = geo.block_range(block)
+        cached = await trio.to_thread.run_sync(self.cache.get_range, geo.key(chunk), start,
+                                               length, limiter=self._lmdb_read_limiter)
         if cached is not None:
-            bad = await trio.to_thread.run_sync(self._bad_block, manifest, table, index, cached,
-                                                limiter=self._cpu_limiter)
-            if bad is None:
+            if await trio.to_thread.run_sync(_block_ok, table, block, cached,
+                                             limiter=self._cpu_limiter):
                 self.stats.lmdb_hits += 1
+                self._memory.put((geo.key(chunk), block), cached)
                 return cached
             self.stats.damaged_cache_entries += 1
-            log.error("cached chunk %d of image %s failed verification; refetching",
-                      index, manifest.record.id)
-            await trio.to_thread.run_sync(self.cache.discard, key,
+            log.error("cached block %d of image %s failed verification; refetching",
+                      block, geo.manifest.record.id)
+            await trio.to_thread.run_sync(self.cache.discard, geo.key(chunk),
                                           limiter=self._lmdb_write_limiter)
-        chunk = self.image_chunk_size(manifest)
-        start = index * chunk
-        length = min(chunk, (manifest.record.size or 0) - start)
+        blocks = await self._single_flight(geo.key(chunk), self._fetch_chunk, geo, chunk,
+                                           table)
+        return blocks[start:start + length]
+
+    async def _fetch_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
+        """A whole chunk from the store, verified block by block, then cached."""
         data = await trio.to_thread.run_sync(
-            self.catalog_store.store.get_range, mf.data_key(manifest.record.id), start,
-            length, limiter=self._store_limiter, abandon_on_cancel=True)
+            self.catalog_store.store.get_range, mf.data_key(geo.manifest.record.id),
+            chunk * geo.chunk, geo.chunk_length(chunk), limiter=self._store_limiter,
+            abandon_on_cancel=True)
         self.stats.store_requests += 1
         self.stats.store_bytes += len(data)
-        bad = await trio.to_thread.run_sync(self._bad_block, manifest, table, index, data,
+        bad = await trio.to_thread.run_sync(self._first_bad_block, geo, chunk, table, data,
                                             limiter=self._cpu_limiter)
         if bad is not None:
             self.stats.corrupt_chunks += 1
             log.error("image %s: block %d does not match the hash recorded at upload; the "
-                      "store's copy is corrupt (read answered EIO)", manifest.record.id, bad)
-            raise ChunkCorrupted(f"image {manifest.record.id}: block {bad} is corrupt")
-        if self._pending_writes < _MAX_PENDING_WRITES and self._nursery is not None:
-            self._pending_writes += 1
-            self._nursery.start_soon(self._write_back, key, data)
+                      "store's copy is corrupt (read answered EIO)", geo.manifest.record.id,
+                      bad)
+            raise ChunkCorrupted(f"image {geo.manifest.record.id}: block {bad} is corrupt")
+        for block in geo.blocks_of(chunk):
+            start, length = geo.block_range(block)
+            self._memory.put((geo.key(chunk), block), data[start:start + length])
+        self._pending_writes += 1
+        if self._pending_writes <= _MAX_PENDING_WRITES and self._nursery is not None:
+            self._nursery.start_soon(self._write_back, geo.key(chunk), data)
         else:  # the cache is slower than the store: let the reader wait (backpressure)
-            self._pending_writes += 1
-            await self._write_back(key, data)
+            await self._write_back(geo.key(chunk), data)
         return data
 
-    def _bad_block(self, manifest: mf.Manifest, table: bytes, index: int,
-                   data: bytes) -> int | None:
-        """The number of the first block of chunk `index` that fails its hash, or None."""
-        block = manifest.block_size
-        first = index * self.image_chunk_size(manifest) // block
-        expected_len = min(self.image_chunk_size(manifest),
-                           (manifest.record.size or 0) - index * self.image_chunk_size(manifest))
-        if len(data) != expected_len:
-            return first
+    @staticmethod
+    def _first_bad_block(geo: _Geometry, chunk: int, table: bytes, data: bytes) -> int | None:
+        if len(data) != geo.chunk_length(chunk):
+            return geo.blocks_of(chunk).start
         view = memoryview(data)
-        for n, pos in enumerate(range(0, len(data), block)):
-            digest = hashlib.sha256(view[pos:pos + block]).digest()
-            number = first + n
-            if digest != table[number * mf.DIGEST_SIZE:(number + 1) * mf.DIGEST_SIZE]:
-                return number
+        for block in geo.blocks_of(chunk):
+            start, length = geo.block_range(block)
+            if not _block_ok(table, block, view[start:start + length]):
+                return block
         return None
 
     async def _write_back(self, key: bytes, data: bytes) -> None:
@@ -255,7 +294,7 @@ class ImageReader:
 
     # -- prefetch -----------------------------------------------------------------------
 
-    def _after_read(self, manifest: mf.Manifest, stream: Stream, offset: int, end: int) -> None:
+    def _after_read(self, geo: _Geometry, stream: Stream, offset: int, end: int) -> None:
         """Prefetch ahead of a sequential reader as far as it has read sequentially.
 
         The window grows with the run (a 1 MiB read prefetches about 1 MiB, a backup
@@ -269,23 +308,24 @@ class ImageReader:
         stream.next_offset = end
         if self._nursery is None:
             return
-        chunk = self.image_chunk_size(manifest)
-        target = min(end + min(stream.run, self.prefetch_max), manifest.record.size or 0)
+        target = min(end + min(stream.run, self.prefetch_max), geo.size)
         start = max(stream.prefetched_to, end)
-        for index in range(start // chunk, -(-target // chunk)):
-            self._nursery.start_soon(self._prefetch, manifest, index)
+        for chunk in range(start // geo.chunk, -(-target // geo.chunk)):
+            self._nursery.start_soon(self._prefetch, geo, chunk)
         stream.prefetched_to = max(stream.prefetched_to, target)
 
-    async def _prefetch(self, manifest: mf.Manifest, index: int) -> None:
-        record = manifest.record
-        key = chunk_key(record.id, record.os_hash_value or "",
-                        self.image_chunk_size(manifest), index)
-        if key in self._memory or key in self._flights:
+    async def _prefetch(self, geo: _Geometry, chunk: int) -> None:
+        key = geo.key(chunk)
+        blocks = geo.blocks_of(chunk)
+        if key in self._flights or all((key, b) in self._memory for b in blocks):
             return
         async with self._prefetch_slots:
             try:
-                await self.chunk(manifest, index)
+                for block in blocks:  # the first miss fetches the chunk; the rest hit memory
+                    await self.block(geo, block)
             except ImagefsError as exc:
-                log.debug("prefetch of chunk %d of %s failed: %s", index, record.id, exc)
+                log.debug("prefetch of chunk %d of %s failed: %s", chunk,
+                          geo.manifest.record.id, exc)
             except Exception:
-                log.exception("prefetch of chunk %d of %s failed", index, record.id)
+                log.exception("prefetch of chunk %d of %s failed", chunk,
+                              geo.manifest.record.id)

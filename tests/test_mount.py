@@ -326,3 +326,29 @@ def test_members_show_as_invitations_then_shared_with_me(store, mount, tmp_path)
     assert os.listdir(m / "projects/beta/shared-with-me") == []
     assert os.listdir(m / "projects/gamma/shared-with-me") == ["gold.raw"]
     assert os.listdir(m / "projects/gamma/invitations") == []
+
+
+def test_a_damaged_cache_entry_is_refetched_not_returned(file_store, mount, tmp_path):
+    import lmdb
+    src = make_file(tmp_path / "k.raw", 6 * MiB, seed=9)
+    image_id = file_store.create(src, "acme")
+    cache_dir = tmp_path / "cache-damaged"
+    first = mount(file_store, cache_dir=cache_dir)
+    assert sha512(first / f"by-id/{image_id}") == sha512(src)
+    first.stop()
+    env = lmdb.open(str(cache_dir / "lmdb"), max_dbs=16, map_size=1 << 30)
+    chunks = env.open_db(b"chunks")
+    with env.begin(write=True, db=chunks) as txn:
+        for key, value in list(txn.cursor()):
+            damaged = bytearray(value)
+            damaged[8 + (1 << 20) + 100] ^= 0xFF  # 8-byte header, then the second block
+            txn.put(key, bytes(damaged))
+    env.close()
+    second = mount(file_store, cache_dir=cache_dir)
+    with open(second / f"by-id/{image_id}", "rb", buffering=0) as f:
+        f.seek((1 << 20) + 50)
+        assert f.read(4096) == src.read_bytes()[(1 << 20) + 50:(1 << 20) + 4146]
+    stats = second.stats()
+    assert stats["damaged_cache_entries"] >= 1 and stats["store_requests"] >= 1
+    assert "failed verification; refetching" in second.log()
+    assert sha512(second / f"by-id/{image_id}") == sha512(src)
