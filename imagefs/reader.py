@@ -1,6 +1,6 @@
 """Verified reads of image data: memory -> LMDB chunk cache -> ranged GETs from the store.
 
-The unit of verification is the image's block (its manifest says how big, 1 MiB by
+The unit of verification is the image's block (its manifest says how big, 256 KiB by
 default): every block is checked against the sha256 recorded at upload before it is
 cached or returned, and a read touches only the blocks it needs — a 4 KiB random read
 served from LMDB hashes one block, not a whole chunk. The unit of fetching and caching is
@@ -134,7 +134,6 @@ class ImageReader:
         self._flights: dict[object, _Flight] = {}
         self._store_limiter = trio.CapacityLimiter(store_limit)
         self._cpu_limiter = trio.CapacityLimiter(2)
-        self._lmdb_read_limiter = trio.CapacityLimiter(8)
         self._lmdb_write_limiter = trio.CapacityLimiter(1)
         self._prefetch_slots = trio.Semaphore(max(store_limit // 2, 1))
         self._nursery: trio.Nursery | None = None
@@ -201,11 +200,11 @@ class ImageReader:
         table = await self.block_table(geo.manifest)
         chunk = geo.chunk_of(block)
         start, length = geo.block_range(block)
-        cached = await trio.to_thread.run_sync(self.cache.get_range, geo.key(chunk), start,
-                                               length, limiter=self._lmdb_read_limiter)
+        cached, ok = await trio.to_thread.run_sync(self._cached_block, geo.key(chunk), start,
+                                                   length, table, block,
+                                                   limiter=self._cpu_limiter)
         if cached is not None:
-            if await trio.to_thread.run_sync(_block_ok, table, block, cached,
-                                             limiter=self._cpu_limiter):
+            if ok:
                 self.stats.lmdb_hits += 1
                 self._memory.put((geo.key(chunk), block), cached)
                 return cached
@@ -217,6 +216,12 @@ class ImageReader:
         blocks = await self._single_flight(geo.key(chunk), self._fetch_chunk, geo, chunk,
                                            table)
         return blocks[start:start + length]
+
+    def _cached_block(self, key: bytes, start: int, length: int, table: bytes,
+                      block: int) -> tuple[bytes | None, bool]:
+        """Blocking, one thread hop: a block from LMDB and whether it passes its hash."""
+        data = self.cache.get_range(key, start, length)
+        return data, data is not None and _block_ok(table, block, data)
 
     async def _fetch_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
         """A whole chunk from the store, verified block by block, then cached."""
