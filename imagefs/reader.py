@@ -305,13 +305,14 @@ class ImageReader:
         The window grows with the run (a 1 MiB read prefetches about 1 MiB, a backup
         reading gigabytes prefetches `prefetch_max`), and a seek resets it.
         """
-        if offset == stream.next_offset:
+        sequential = offset == stream.next_offset
+        if sequential:
             stream.run += end - offset
         else:
             stream.run = end - offset
             stream.prefetched_to = 0
         stream.next_offset = end
-        if self._nursery is None:
+        if self._nursery is None or not sequential:  # random readers get exactly what they ask
             return
         target = min(end + min(stream.run, self.prefetch_max), geo.size)
         start = max(stream.prefetched_to, end)
