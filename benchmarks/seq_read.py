@@ -46,14 +46,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tests/seaweedfs.py: the SeaweedFS test server
 
-from imagefs.config import parse_size  # noqa: E402
+from imagefs.config import parse_size
 
 MiB = 1 << 20
 GEN_BLOCK = MiB           # content of generator block i depends only on (seed, i)
@@ -96,8 +97,7 @@ def make_image_file(path: Path, size: int, seed: int) -> None:
         return
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        for i in range(math.ceil(size / GEN_BLOCK)):
-            f.write(block_bytes(seed, i)[:size - i * GEN_BLOCK])
+        f.writelines(block_bytes(seed, i)[:size - i * GEN_BLOCK] for i in range(math.ceil(size / GEN_BLOCK)))
     stamp.write_text(want)
     log(f"generated {size / MiB:.0f} MiB test image in {time.perf_counter() - t0:.1f}s")
 
@@ -206,11 +206,11 @@ class CpuWatch:
             own += _group_cpu_s(self.server_pgid)
         return own
 
-    def __enter__(self) -> "CpuWatch":
+    def __enter__(self) -> CpuWatch:
         self.t0, self.busy0, self.ours0 = time.perf_counter(), _busy_ticks(), self._ours()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self.t0
         busy = (_busy_ticks() - self.busy0) / CLK_TCK
         self.foreign_s = max(busy - (self._ours() - self.ours0), 0.0)
@@ -327,7 +327,7 @@ def delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[s
 
 
 # --------------------------------------------------------------------------- mounts
-ACTIVE_MOUNTS: list["Mount"] = []
+ACTIVE_MOUNTS: list[Mount] = []
 
 
 class Mount:
@@ -339,7 +339,7 @@ class Mount:
         self.mnt, self.cache_dir, self.config, self.log_path = mnt, cache_dir, config, log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "Mount":
+    def __enter__(self) -> Mount:
         self.mnt.mkdir(parents=True, exist_ok=True)
         cmd = [*IMAGEFS, "mount", "--foreground", "--config", str(self.config), "--store",
                self.store_url, "--cache-dir", str(self.cache_dir), str(self.mnt)]
@@ -365,7 +365,7 @@ class Mount:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop(lazy=exc[0] is not None)
 
     def log_tail(self, n: int = 8) -> str:
@@ -735,9 +735,9 @@ class Bench:
         image_id = self.create_image(store)
         res["image_id"] = image_id
         default_cfg = self.config(None)
-        fc = lambda r: r["foreign_cores"]  # noqa: E731
-        seq_fc = lambda o: max(r["foreign_cores"] for r in o[0].values())  # noqa: E731
-        drop = lambda o: shutil.rmtree(o[1], ignore_errors=True)  # noqa: E731
+        fc = lambda r: r["foreign_cores"]
+        seq_fc = lambda o: max(r["foreign_cores"] for r in o[0].values())
+        drop = lambda o: shutil.rmtree(o[1], ignore_errors=True)
         if not self.a.skip_default:
             res["baseline_seq"] = self.clean(
                 f"{store.kind} baseline seq", lambda: store.baseline_seq(image_id, self.a.size),
@@ -970,8 +970,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.chunk_sizes = [c.strip() for c in a.chunk_sizes.split(",") if c.strip()]
     for c in a.chunk_sizes:
         try:
-            if parse_size(c) % MiB or parse_size(c) == 0:
-                p.error(f"chunk size {c} is not a multiple of the 1 MiB block size")
+            if parse_size(c) % 4096 or parse_size(c) == 0:
+                p.error(f"chunk size {c} is not a positive multiple of 4 KiB (imagefs "
+                        "also wants a multiple of the block size)")
         except Exception as exc:
             p.error(str(exc))
     if a.skip_default and not a.chunk_sizes:
