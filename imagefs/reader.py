@@ -213,9 +213,37 @@ class ImageReader:
                       block, geo.manifest.record.id)
             await trio.to_thread.run_sync(self.cache.discard, geo.key(chunk),
                                           limiter=self._lmdb_write_limiter)
-        blocks = await self._single_flight(geo.key(chunk), self._fetch_chunk, geo, chunk,
-                                           table)
+        blocks = await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
         return blocks[start:start + length]
+
+    async def _load_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
+        """A whole verified chunk, its blocks put in memory: LMDB in one hop, else the store."""
+        cached, bad = await trio.to_thread.run_sync(self._cached_chunk, geo, chunk, table,
+                                                    limiter=self._cpu_limiter)
+        if cached is not None and bad is None:
+            self.stats.lmdb_hits += 1
+            self._remember(geo, chunk, cached)
+            return cached
+        if cached is not None:
+            self.stats.damaged_cache_entries += 1
+            log.error("cached block %d of image %s failed verification; refetching",
+                      bad, geo.manifest.record.id)
+            await trio.to_thread.run_sync(self.cache.discard, geo.key(chunk),
+                                          limiter=self._lmdb_write_limiter)
+        return await self._fetch_chunk(geo, chunk, table)
+
+    def _cached_chunk(self, geo: _Geometry, chunk: int,
+                      table: bytes) -> tuple[bytes | None, int | None]:
+        """Blocking: a whole chunk from LMDB and its first bad block, if any."""
+        data = self.cache.get(geo.key(chunk))
+        if data is None:
+            return None, None
+        return data, self._first_bad_block(geo, chunk, table, data)
+
+    def _remember(self, geo: _Geometry, chunk: int, data: bytes) -> None:
+        for block in geo.blocks_of(chunk):
+            start, length = geo.block_range(block)
+            self._memory.put((geo.key(chunk), block), data[start:start + length])
 
     def _cached_block(self, key: bytes, start: int, length: int, table: bytes,
                       block: int) -> tuple[bytes | None, bool]:
@@ -239,9 +267,7 @@ class ImageReader:
                       "store's copy is corrupt (read answered EIO)", geo.manifest.record.id,
                       bad)
             raise ChunkCorrupted(f"image {geo.manifest.record.id}: block {bad} is corrupt")
-        for block in geo.blocks_of(chunk):
-            start, length = geo.block_range(block)
-            self._memory.put((geo.key(chunk), block), data[start:start + length])
+        self._remember(geo, chunk, data)
         self._pending_writes += 1
         if self._pending_writes <= _MAX_PENDING_WRITES and self._nursery is not None:
             self._nursery.start_soon(self._write_back, geo.key(chunk), data)
@@ -315,10 +341,11 @@ class ImageReader:
         if self._nursery is None or not sequential:  # random readers get exactly what they ask
             return
         target = min(end + min(stream.run, self.prefetch_max), geo.size)
-        start = max(stream.prefetched_to, end)
-        for chunk in range(start // geo.chunk, -(-target // geo.chunk)):
+        first = max(-(-stream.prefetched_to // geo.chunk), end // geo.chunk)
+        last = -(-target // geo.chunk)  # chunks [first, last) are new to this stream
+        for chunk in range(first, last):
             self._nursery.start_soon(self._prefetch, geo, chunk)
-        stream.prefetched_to = max(stream.prefetched_to, target)
+        stream.prefetched_to = max(stream.prefetched_to, last * geo.chunk)
 
     async def _prefetch(self, geo: _Geometry, chunk: int) -> None:
         key = geo.key(chunk)
@@ -327,8 +354,8 @@ class ImageReader:
             return
         async with self._prefetch_slots:
             try:
-                for block in blocks:  # the first miss fetches the chunk; the rest hit memory
-                    await self.block(geo, block)
+                table = await self.block_table(geo.manifest)
+                await self._single_flight(key, self._load_chunk, geo, chunk, table)
             except ImagefsError as exc:
                 log.debug("prefetch of chunk %d of %s failed: %s", chunk,
                           geo.manifest.record.id, exc)
