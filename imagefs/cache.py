@@ -79,29 +79,28 @@ class ChunkCache:
         Copies only the range out of the memory map. A damaged header is reported,
         dropped, and a miss.
         """
+        return self._read(key, start, length)
+
+    def get(self, key: bytes) -> bytes | None:
+        """A whole cached chunk, or None."""
+        return self._read(key, 0, None)
+
+    def _read(self, key: bytes, start: int, length: int | None) -> bytes | None:
         with self.env.begin(db=self._chunks, buffers=True) as txn:
             raw = txn.get(key)
             if raw is None:
                 return None
             if len(raw) >= _HEADER.size:
                 magic, stored = _HEADER.unpack_from(raw)
-                if magic == _MAGIC and stored == len(raw) - _HEADER.size and \
-                        start + length <= stored:
-                    data = bytes(raw[_HEADER.size + start:_HEADER.size + start + length])
+                end = stored if length is None else start + length
+                if magic == _MAGIC and stored == len(raw) - _HEADER.size and end <= stored:
+                    data = bytes(raw[_HEADER.size + start:_HEADER.size + end])
                     with self._touched_lock:
                         self._touched.add(key)
                     return data
         log.error("cache entry %s is damaged; it will be refetched", key.hex())
         self.discard(key)
         return None
-
-    def get(self, key: bytes) -> bytes | None:
-        """A whole cached chunk, or None."""
-        with self.env.begin(db=self._chunks, buffers=True) as txn:
-            raw = txn.get(key)
-            stored = _HEADER.unpack_from(raw)[1] if raw is not None and \
-                len(raw) >= _HEADER.size else 0
-        return self.get_range(key, 0, stored) if raw is not None else None
 
     def total_bytes(self) -> int:
         with self.env.begin(db=self._meta) as txn:

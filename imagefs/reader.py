@@ -203,16 +203,11 @@ class ImageReader:
         cached, ok = await trio.to_thread.run_sync(self._cached_block, geo.key(chunk), start,
                                                    length, table, block,
                                                    limiter=self._cpu_limiter)
-        if cached is not None:
-            if ok:
-                self.stats.lmdb_hits += 1
-                self._memory.put((geo.key(chunk), block), cached)
-                return cached
-            self.stats.damaged_cache_entries += 1
-            log.error("cached block %d of image %s failed verification; refetching",
-                      block, geo.manifest.record.id)
-            await trio.to_thread.run_sync(self.cache.discard, geo.key(chunk),
-                                          limiter=self._lmdb_write_limiter)
+        if cached is not None and ok:
+            self.stats.lmdb_hits += 1
+            self._memory.put((geo.key(chunk), block), cached)
+            return cached
+        # A miss, or a damaged block: the chunk path reports, drops and refetches it.
         blocks = await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
         return blocks[start:start + length]
 
