@@ -1,41 +1,64 @@
 """Catalog gestures shared by the CLI and the mount: change, delete, restore, share.
 
-Each is a read-modify-write of one manifest, loaded fresh from the store. Deletion is
-Glance's delayed delete: the image turns `pending_delete` (gone from every folder, still
-readable through open handles, restorable) and is purged by `scrub` after a grace period.
+Each is a read-modify-write of one manifest, loaded fresh from the store and saved only
+over the version it read (a conditional write); when someone else saved first, the
+change is applied again to their version. Gestures on one image from one process are
+also serialised, so they do not race each other at all. Deletion is Glance's delayed
+delete: the image turns `pending_delete` (gone from every folder, still readable
+through open handles, restorable) and is purged by `scrub` after a grace period.
+
+Blocking. Callers apply the returned manifests to their own view of the catalog.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import zlib
 from collections.abc import Callable
 
 from imagefs import manifest as mf
-from imagefs.catalog import CatalogStore
-from imagefs.errors import ImageNotFound, InvalidValue, NotPermitted
+from imagefs.catalog_store import CatalogStore
+from imagefs.errors import ImageNotFound, InvalidValue, NotPermitted, ObjectChanged
 from imagefs.records import ImageRecord, now_us, validate_project
+from imagefs.retry import Backoff
 
 log = logging.getLogger(__name__)
+_ATTEMPTS = 8
+_CONFLICT_BACKOFF = Backoff(first=0.02, most=0.5)
+_STRIPES = 64
 
 
 class CatalogAdmin:
-    def __init__(self, catalog_store: CatalogStore,
-                 on_change: Callable[[mf.Manifest], None] = lambda m: None,
-                 on_purge: Callable[[str], None] = lambda image_id: None) -> None:
+    def __init__(self, catalog_store: CatalogStore) -> None:
         self.catalog_store = catalog_store
-        self._on_change = on_change
-        self._on_purge = on_purge
+        # Striped rather than one lock per image: bounded memory, and images rarely share.
+        self._locks = [threading.Lock() for _ in range(_STRIPES)]
+
+    def _lock(self, image_id: str) -> threading.Lock:
+        return self._locks[zlib.crc32(image_id.encode()) % _STRIPES]
 
     def update(self, image_id: str, change: Callable[[ImageRecord], None]) -> mf.Manifest:
-        """Apply `change` to the stored record, validate, save, and announce it."""
-        manifest = self.catalog_store.load(image_id)
-        change(manifest.record)
-        self.catalog_store.save(manifest)
-        self._on_change(manifest)
-        return manifest
+        """Apply `change` to the stored record, validate, and save; no change is lost."""
+        with self._lock(image_id):
+            for attempt in range(_ATTEMPTS):
+                manifest, etag = self.catalog_store.load_versioned(image_id)
+                change(manifest.record)
+                try:
+                    self.catalog_store.save(manifest, etag)
+                    return manifest
+                except ObjectChanged:
+                    log.info("image %s changed elsewhere while we changed it; applying the "
+                             "change again (attempt %d)", image_id, attempt + 1)
+                    time.sleep(_CONFLICT_BACKOFF.delay(attempt))
+        raise ObjectChanged(f"image {image_id} keeps being changed elsewhere; try again")
 
-    def delete(self, image_id: str, grace: float) -> None:
-        """Delete as Glance does; a protected image refuses. grace <= 0 purges at once."""
+    def delete(self, image_id: str, grace: float) -> mf.Manifest | None:
+        """Delete as Glance does; a protected image refuses. grace <= 0 purges at once.
+
+        Returns the deleted image's manifest, or None if it was purged.
+        """
 
         def mark(record: ImageRecord) -> None:
             if record.protected:
@@ -46,10 +69,11 @@ class CatalogAdmin:
             record.status = "pending_delete"
             record.deleted_at = now_us()
 
-        self.update(image_id, mark)
+        manifest = self.update(image_id, mark)
         log.info("image %s deleted; purged after %.0fs unless restored", image_id, grace)
-        if grace <= 0:
-            self.purge(image_id)
+        if grace <= 0 and self.purge(image_id):
+            return None
+        return manifest
 
     def restore(self, image_id: str) -> mf.Manifest:
         def unmark(record: ImageRecord) -> None:
@@ -62,33 +86,33 @@ class CatalogAdmin:
         return self.update(image_id, unmark)
 
     def purge(self, image_id: str, deleted_before: int | None = None) -> bool:
-        """Remove a deleted image's manifest and data; True if this call purged it.
+        """Remove a deleted image's manifest and data; True if the image is gone now.
 
         The manifest is read fresh: an image restored meanwhile, or deleted again later
-        than `deleted_before`, is left alone, and one purged by another host is done.
+        than `deleted_before`, is left alone; one purged by another host is gone.
         """
-        try:
-            record = self.catalog_store.load(image_id).record
-        except ImageNotFound:
-            self._on_purge(image_id)
-            return False
-        if record.status != "pending_delete" or (
-                deleted_before is not None and (record.deleted_at or 0) > deleted_before):
-            return False
-        self.catalog_store.delete(image_id)
-        self._on_purge(image_id)
+        with self._lock(image_id):
+            try:
+                record = self.catalog_store.load(image_id).record
+            except ImageNotFound:
+                return True
+            if record.status != "pending_delete" or (
+                    deleted_before is not None and (record.deleted_at or 0) > deleted_before):
+                return False
+            self.catalog_store.delete(image_id)
         log.info("image %s purged", image_id)
         return True
 
-    def scrub(self, grace: float, manifests: list[mf.Manifest] | None = None) -> int:
-        """Purge deleted images whose grace period has passed; returns how many."""
+    def scrub(self, grace: float, manifests: list[mf.Manifest] | None = None) -> list[str]:
+        """Purge deleted images whose grace period has passed; returns the ids now gone."""
         due = now_us() - int(grace * 1_000_000)
-        purged = 0
+        gone = []
         for manifest in manifests if manifests is not None else self.catalog_store.load_all():
             record = manifest.record
-            if record.status == "pending_delete" and (record.deleted_at or 0) <= due:
-                purged += self.purge(record.id, deleted_before=due)
-        return purged
+            if record.status == "pending_delete" and (record.deleted_at or 0) <= due \
+                    and self.purge(record.id, deleted_before=due):
+                gone.append(record.id)
+        return gone
 
     def set_member(self, image_id: str, project: str, status: str | None) -> mf.Manifest:
         """Invite (pending), accept, reject, or (status None) remove a member project."""

@@ -86,20 +86,23 @@ class ChunkCache:
         return self._read(key, 0, None)
 
     def _read(self, key: bytes, start: int, length: int | None) -> bytes | None:
-        with self.env.begin(db=self._chunks, buffers=True) as txn:
-            raw = txn.get(key)
-            if raw is None:
-                return None
-            if len(raw) >= _HEADER.size:
-                magic, stored = _HEADER.unpack_from(raw)
-                end = stored if length is None else start + length
-                if magic == _MAGIC and stored == len(raw) - _HEADER.size and end <= stored:
-                    data = bytes(raw[_HEADER.size + start:_HEADER.size + end])
-                    with self._touched_lock:
-                        self._touched.add(key)
-                    return data
-        log.error("cache entry %s is damaged; it will be refetched", key.hex())
-        self.discard(key)
+        try:
+            with self.env.begin(db=self._chunks, buffers=True) as txn:
+                raw = txn.get(key)
+                if raw is None:
+                    return None
+                if len(raw) >= _HEADER.size:
+                    magic, stored = _HEADER.unpack_from(raw)
+                    end = stored if length is None else start + length
+                    if magic == _MAGIC and stored == len(raw) - _HEADER.size and end <= stored:
+                        data = bytes(raw[_HEADER.size + start:_HEADER.size + end])
+                        with self._touched_lock:
+                            self._touched.add(key)
+                        return data
+            log.error("cache entry %s is damaged; it will be refetched", key.hex())
+            self.discard(key)
+        except lmdb.Error as exc:  # a damaged page: the store still has the data
+            log.error("cache read of %s failed (%s); fetching from the store", key.hex(), exc)
         return None
 
     def total_bytes(self) -> int:

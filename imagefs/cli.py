@@ -16,7 +16,7 @@ from typing import Any
 
 from imagefs import __version__
 from imagefs.admin import CatalogAdmin
-from imagefs.catalog import CatalogStore
+from imagefs.catalog_store import CatalogStore
 from imagefs.config import Settings, load_settings
 from imagefs.errors import ImagefsError, InvalidValue
 from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
@@ -216,7 +216,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _catalog(settings: Settings) -> CatalogStore:
-    store = open_store(settings.store or "", settings.s3)
+    store = open_store(settings.store or "", settings.s3, max(settings.read_timeout, 30.0))
     store.check()
     return CatalogStore(store)
 
@@ -250,7 +250,7 @@ def cmd_image_create(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InvalidValue(f"{path}: {exc.strerror}") from None
     with source, progress_bar(path.stat().st_size, f"upload {path.name}") as advance:
-        manifest = upload_image(catalog.store, source, record, settings.block_size, advance)
+        manifest = upload_image(catalog, source, record, settings.block_size, advance)
     if args.json:
         _print_image(manifest.record, True)
     else:
@@ -297,7 +297,7 @@ def cmd_image_restore(args: argparse.Namespace) -> int:
 
 def cmd_image_scrub(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(CatalogAdmin(_catalog(settings)).scrub(settings.delete_grace))
+    print(len(CatalogAdmin(_catalog(settings)).scrub(settings.delete_grace)))
     return 0
 
 

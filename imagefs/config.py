@@ -55,6 +55,10 @@ class Settings:
     memory_cache: int = 256 << 20
     prefetch_max: int = 64 << 20
     refresh_interval: float = 10.0
+    # A read that needs the store answers EIO after this long, whatever the store does.
+    read_timeout: float = 10.0
+    # rm, mv and setfattr on catalog files answer within this long.
+    gesture_timeout: float = 30.0
     delete_grace: float = 86400.0
     spool_dir: Path | None = None
     spool_size: int = 20 << 30
@@ -123,6 +127,10 @@ def load_settings(explicit_config: str | None = None,
             raise InvalidValue(f"config file {path} is not valid TOML: {exc}") from None
         _apply(settings, data, str(path))
     _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
+    for key in ("read_timeout", "gesture_timeout", "refresh_interval", "settle_time"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise InvalidValue(f"{key} must be a positive number of seconds, not {value!r}")
     if settings.block_size <= 0 or settings.chunk_size % settings.block_size:
         raise InvalidValue(f"chunk_size ({settings.chunk_size}) must be a multiple of "
                            f"block_size ({settings.block_size})")

@@ -17,8 +17,6 @@ class InvalidValue(ImagefsError, ValueError):
     errno = errno.EINVAL
 
 
-
-
 class ImageNotFound(ImagefsError):
     errno = errno.ENOENT
 
@@ -67,6 +65,16 @@ class StoreNotFound(StoreError):
 
 class ObjectNotFound(StoreError):
     """One object is missing from an otherwise reachable store."""
+
+
+class ObjectChanged(StoreError):
+    """A conditional write lost a race: someone else changed the object first."""
+
+    errno = errno.EAGAIN
+
+
+class StoreUntrusted(StoreError):
+    """The store answers, but not as the catalog we know (empty, or another catalog)."""
 
 
 class ManifestDamaged(StoreError):

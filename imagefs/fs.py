@@ -25,12 +25,12 @@ import trio
 
 from imagefs import xattrs
 from imagefs.access import Caller
-from imagefs.admin import CatalogAdmin
 from imagefs.errors import NotPermitted, errno_for
 from imagefs.gestures import Gestures
-from imagefs.inbox import Inbox, InboxEntry, is_inbox_inode
+from imagefs.inbox import Inbox, InboxEntry
+from imagefs.inodes import image_inode, is_inbox_inode
 from imagefs.manifest import Manifest
-from imagefs.namespace import Entry, Namespace, file_inode
+from imagefs.namespace import Entry, Namespace
 from imagefs.reader import ImageReader, Stream
 from imagefs.records import ImageRecord, json_text
 
@@ -85,16 +85,15 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, namespace: Namespace, reader: ImageReader, inbox: Inbox,
-                 admin: CatalogAdmin, snapshot_images: Callable[[], dict[str, Manifest]],
-                 entry_timeout: float, delete_grace: float,
-                 stats: Callable[[], dict[str, Any]]) -> None:
+                 gestures: Gestures, snapshot_images: Callable[[], dict[str, Manifest]],
+                 entry_timeout: float, stats: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.namespace = namespace
         self.reader = reader
         self.inbox = inbox
         self._images = snapshot_images
         self._stats = stats
-        self.gestures = Gestures(namespace, admin, inbox, delete_grace)
+        self.gestures = gestures
         # Caller-dependent views must not be answered from the kernel's shared caches.
         self._timeout = 0.0 if namespace.policy.caller_dependent() else entry_timeout
         self._handles = itertools.count(1)
@@ -132,7 +131,7 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _image_attrs(self, record: ImageRecord) -> pyfuse3.EntryAttributes:
-        attrs = self._base_attrs(file_inode(record.id), self._timeout)
+        attrs = self._base_attrs(image_inode(record.id), self._timeout)
         # 0644 so the mounting user may setfattr; opening for writing still answers EROFS.
         attrs.st_mode = stat.S_IFREG | 0o644
         attrs.st_size = record.size or 0
@@ -144,7 +143,7 @@ class Operations(pyfuse3.Operations):
     def _inbox_attrs(self, entry: InboxEntry) -> pyfuse3.EntryAttributes:
         attrs = self._base_attrs(entry.inode, 0.0)  # changes under writers: never cached
         attrs.st_mode = stat.S_IFREG | (0o444 if entry.is_error else entry.record.mode & 0o777)
-        attrs.st_size = self.inbox.size(entry)
+        attrs.st_size = entry.apparent_size
         attrs.st_blocks = -(-attrs.st_size // 512)
         attrs.st_mtime_ns = attrs.st_atime_ns = attrs.st_ctime_ns = entry.record.mtime_ns
         return attrs
@@ -166,7 +165,7 @@ class Operations(pyfuse3.Operations):
         return record
 
     def _inbox_entry(self, inode: int) -> InboxEntry:
-        entry = self.inbox.by_inode(inode)
+        entry = self.inbox.registry.by_inode(inode)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
@@ -203,7 +202,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             handle = self._open.get(fh) if fh is not None else None
             fd = handle.fd if isinstance(handle, _InboxHandle) else None
-            self.inbox.truncate(entry, fd, attr.st_size)
+            await self.inbox.files.truncate(entry, fd, attr.st_size)
         if fields.update_mode:  # kept for the listing; images are always 0644
             entry.record.mode = attr.st_mode & 0o777
         if fields.update_mtime:
@@ -239,7 +238,7 @@ class Operations(pyfuse3.Operations):
                     continue
                 attrs = self._image_attrs(manifest.record)
             else:
-                inbox_entry = self.inbox.by_inode(entry.inode)
+                inbox_entry = self.inbox.registry.by_inode(entry.inode)
                 if inbox_entry is None:
                     continue
                 attrs = self._inbox_attrs(inbox_entry)
@@ -258,7 +257,7 @@ class Operations(pyfuse3.Operations):
             raise NotPermitted("folders are made by the catalog; only inbox/<project> "
                                "can be created")
         project = os.fsdecode(name)
-        self.inbox.add_project(project)
+        await trio.to_thread.run_sync(self.inbox.add_project, project)
         entry = self.namespace.lookup(_caller(ctx), ("inbox",), project)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EIO)
@@ -277,7 +276,7 @@ class Operations(pyfuse3.Operations):
                 if writable:
                     raise NotPermitted("upload reports are read-only")
                 return self._new_handle(_InboxHandle(entry, None, False))
-            fd = self.inbox.open_data(entry, writable, bool(flags & os.O_TRUNC))
+            fd = await self.inbox.files.open(entry, writable, bool(flags & os.O_TRUNC))
             return self._new_handle(_InboxHandle(entry, fd, writable))
         if writable or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -302,9 +301,9 @@ class Operations(pyfuse3.Operations):
         path = self._folder(parent_inode)
         if len(path) != 2 or path[0] != "inbox":
             raise pyfuse3.FUSEError(errno.EROFS)
-        entry = await self.inbox.create(path[1], os.fsdecode(name))
+        entry = await self.inbox.files.create(path[1], os.fsdecode(name))
         entry.record.mode = mode & 0o777
-        fd = self.inbox.open_data(entry, True, False)
+        fd = await self.inbox.files.open(entry, True, False)
         return self._new_handle(_InboxHandle(entry, fd, True)), self._inbox_attrs(entry)
 
     @guarded
@@ -314,8 +313,8 @@ class Operations(pyfuse3.Operations):
             return await self.reader.read(handle.manifest, off, size, handle.stream)
         if isinstance(handle, _InboxHandle):
             if handle.fd is None:
-                return self.inbox.error_text(handle.entry)[off:off + size]
-            return await self.inbox.read(handle.fd, off, size)
+                return handle.entry.report[off:off + size]
+            return await self.inbox.files.read(handle.fd, off, size)
         raise pyfuse3.FUSEError(errno.EBADF)
 
     @guarded
@@ -323,7 +322,7 @@ class Operations(pyfuse3.Operations):
         handle = self._open.get(fh)
         if not isinstance(handle, _InboxHandle) or handle.fd is None or not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.inbox.write(handle.entry, handle.fd, off, buf)
+        return await self.inbox.files.write(handle.entry, handle.fd, off, buf)
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -335,7 +334,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._open.pop(fh, None)
         if isinstance(handle, _InboxHandle) and handle.fd is not None:
-            self.inbox.close_data(handle.entry, handle.fd, handle.writable)
+            await self.inbox.files.close(handle.entry, handle.fd, handle.writable)
 
     # -- gestures -----------------------------------------------------------------------
 
@@ -374,7 +373,8 @@ class Operations(pyfuse3.Operations):
             value = self._inbox_xattrs(self._inbox_entry(inode)).get(key)
         elif folder is not None and folder[:1] == ("inbox",) and len(folder) == 2 \
                 and key == xattrs.PUBLISHED:
-            value = json.dumps(self.inbox.recently_published(folder[1]), sort_keys=True)
+            value = json.dumps(self.inbox.registry.recently_published(folder[1]),
+                               sort_keys=True)
         elif folder is not None or not key.startswith(XATTR_PREFIX):
             value = None
         else:
@@ -411,7 +411,7 @@ class Operations(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if is_inbox_inode(inode):
-            self.inbox.set_metadata(self._inbox_entry(inode), key, text)
+            await self.inbox.files.set_metadata(self._inbox_entry(inode), key, text)
             return
         if self.namespace.dir_path(inode) is not None:
             raise NotPermitted("folders carry no metadata")
@@ -422,7 +422,7 @@ class Operations(pyfuse3.Operations):
         caller = self._require_admin(ctx)
         key = self._glance_key(name)
         if is_inbox_inode(inode):
-            self.inbox.set_metadata(self._inbox_entry(inode), key, None)
+            await self.inbox.files.set_metadata(self._inbox_entry(inode), key, None)
             return
         if self.namespace.dir_path(inode) is not None:
             raise NotPermitted("folders carry no metadata")

@@ -1,17 +1,24 @@
 """Admin gestures on catalog files: rm, mv and setfattr mapped to catalog operations.
 
 Pure policy over the namespace, the catalog admin and the inbox; no FUSE in here, so
-docs/semantics.md can be checked against one place.
+docs/semantics.md can be checked against one place. Store work runs in threads under
+`timeout`, so a gesture answers (EIO) even when the store stalls; what it changed is
+then applied to the daemon's catalog.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
+from imagefs import manifest as mf
 from imagefs.access import Caller
 from imagefs.admin import CatalogAdmin
+from imagefs.blocking import BlockingCalls
+from imagefs.catalog import Catalog
 from imagefs.errors import (ImageNotFound, NameTaken, NoSuchAttribute, NotPermitted,
                             ReadOnlyField)
 from imagefs.inbox import Inbox
@@ -21,12 +28,15 @@ from imagefs.records import MUTABLE_FIELDS, RESERVED_KEYS, ImageRecord, parse_fi
 
 
 class Gestures:
-    def __init__(self, namespace: Namespace, admin: CatalogAdmin, inbox: Inbox,
-                 delete_grace: float) -> None:
+    def __init__(self, namespace: Namespace, admin: CatalogAdmin, catalog: Catalog,
+                 inbox: Inbox, delete_grace: float, timeout: float) -> None:
         self.namespace = namespace
         self.admin = admin
+        self.catalog = catalog
         self.inbox = inbox
         self.delete_grace = delete_grace
+        self.timeout = timeout
+        self.store_calls = BlockingCalls(4)
 
     def _image(self, caller: Caller, folder: Path, name: str) -> ImageRecord:
         entry = self.namespace.lookup(caller, folder, name)
@@ -35,17 +45,24 @@ class Gestures:
             raise ImageNotFound(f"no {name} in {'/'.join(folder)}")
         return record
 
-    async def _admin(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        await trio.to_thread.run_sync(fn, *args)
+    async def _admin(self, fn: Callable[..., mf.Manifest | None], image_id: str,
+                     *args: Any) -> None:
+        """Run an admin operation on one image; show its outcome in the catalog."""
+        manifest = await self.store_calls.run(fn, image_id, *args, timeout=self.timeout,
+                                              what=f"change of image {image_id}")
+        if manifest is None:  # purged
+            await trio.to_thread.run_sync(self.catalog.forget, image_id)
+        else:
+            await trio.to_thread.run_sync(self.catalog.apply, manifest)
 
     # -- rm -----------------------------------------------------------------------------
 
     async def unlink(self, caller: Caller, folder: Path, name: str) -> None:
         if folder[:1] == ("inbox",) and len(folder) == 2:
-            entry = self.inbox.lookup(folder[1], name)
+            entry = self.inbox.registry.lookup(folder[1], name)
             if entry is None:
                 raise ImageNotFound(f"no {name} in the inbox of {folder[1]}")
-            await self.inbox.unlink(entry)
+            await self.inbox.files.unlink(entry)
             return
         record = self._image(caller, folder, name)
         if folder[:1] == ("tags",):  # rm inside tags/<t>/ only removes that tag
@@ -65,10 +82,10 @@ class Gestures:
             if old_folder[:1] != new_folder[:1] or len(old_folder) != 2 or len(new_folder) != 2:
                 raise NotPermitted("files move into the inbox by copying, and leave it by "
                                    "being published")
-            entry = self.inbox.lookup(old_folder[1], old_name)
+            entry = self.inbox.registry.lookup(old_folder[1], old_name)
             if entry is None:
                 raise ImageNotFound(f"no {old_name} in the inbox of {old_folder[1]}")
-            await self.inbox.rename(entry, new_folder[1], new_name)
+            await self.inbox.files.rename(entry, new_folder[1], new_name)
             return
         record = self._image(caller, old_folder, old_name)
         if old_folder[:1] == ("by-id",) or new_folder[:1] == ("by-id",):

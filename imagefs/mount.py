@@ -18,12 +18,20 @@ import trio
 
 from imagefs.access import OpenPolicy
 from imagefs.admin import CatalogAdmin
+from imagefs.background import keep_running, periodic
+from imagefs.blocking import BlockingCalls
 from imagefs.cache import ChunkCache, open_environment
-from imagefs.catalog import Catalog, CatalogIndex, CatalogStore
+from imagefs.catalog import Catalog
+from imagefs.catalog_index import CatalogIndex
+from imagefs.catalog_store import CatalogStore
 from imagefs.config import Settings
-from imagefs.errors import ImagefsError, InvalidValue, StoreNotFound, StoreUnavailable
+from imagefs.dirlock import DirLock
+from imagefs.errors import (ImagefsError, InvalidValue, StoreNotFound, StoreUnavailable,
+                            StoreUntrusted)
 from imagefs.fs import Operations
+from imagefs.gestures import Gestures
 from imagefs.inbox import Inbox
+from imagefs.mountinfo import is_mounted, mount_at
 from imagefs.namespace import Namespace
 from imagefs.reader import ImageReader
 from imagefs.spool import Spool
@@ -32,29 +40,53 @@ from imagefs.stores import open_store
 log = logging.getLogger(__name__)
 _FLUSH_INTERVAL = 2.0
 _DRAIN_TIMEOUT = 10.0  # at unmount, how long to wait for chunks still being cached
+_REFRESH_TIMEOUT = 120.0  # a refresh stuck longer (a hung NFS store) is abandoned
+FSTYPE = "fuse.imagefs"
 
 
-def _mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+def _alive(path: Path) -> bool:
+    """False for a FUSE mount whose daemon died (the kernel answers ENOTCONN)."""
+    try:
+        os.stat(path)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise
+
+
+def _detach(path: Path) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", "-z"] if tool else ["umount", "-l"]
+    result = subprocess.run([*command, str(path)], capture_output=True, text=True)
+    if result.returncode:
+        reason = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise InvalidValue(f"{path} is a stale mount and cleaning it up failed: {reason}")
 
 
 def check_mountpoint(path: Path) -> None:
-    """Refuse a mountpoint that is missing, not a folder, busy or already mounted."""
+    """Refuse a mountpoint that is missing, not a folder, busy or already mounted.
+
+    A stale imagefs mount (its daemon was killed) is cleaned up instead: a restart, by
+    hand or by systemd, must not need an operator first.
+    """
     try:
-        if _mounted(path):
-            raise InvalidValue(f"{path} is already a mountpoint (unmount it first: "
-                               f"imagefs umount {path})")
+        mounted = mount_at(path)
+        if mounted is not None:
+            if _alive(path):
+                raise InvalidValue(f"{path} is already a mountpoint (unmount it first: "
+                                   f"imagefs umount {path})")
+            if mounted.fstype != FSTYPE:
+                raise InvalidValue(f"{path} is a stale {mounted.fstype} mount (its daemon "
+                                   f"died); clean it up with: umount -l {path}")
+            _detach(path)
+            log.warning("cleaned up the stale mount at %s left by a daemon that died", path)
         if not path.is_dir():
             raise InvalidValue(f"mountpoint {path} does not exist or is not a directory "
                                f"(create it: mkdir -p {path})")
         if any(os.scandir(path)):
             raise InvalidValue(f"mountpoint {path} is not empty")
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise InvalidValue(f"{path} is a stale mount (its daemon died); clean it up with "
-                               f"imagefs umount {path}") from None
         raise InvalidValue(f"mountpoint {path}: {exc.strerror}") from None
 
 
@@ -134,6 +166,12 @@ class Daemon:
     def __init__(self, settings: Settings, mountpoint: Path) -> None:
         self.settings = settings
         self.mountpoint = mountpoint
+        self._locks: list[DirLock] = []
+
+    def _lock(self, directory: Path, purpose: str) -> None:
+        lock = DirLock(directory, purpose)
+        lock.acquire(f"mounted at {self.mountpoint}")
+        self._locks.append(lock)
 
     def prepare(self, daemonized: bool = False) -> None:
         """Everything that can fail with a clear message, before the mount exists."""
@@ -143,49 +181,60 @@ class Daemon:
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidValue(f"cache dir {cache_dir}: {exc.strerror}") from None
-        _setup_logging(settings, cache_dir, daemonized)
-        store = open_store(settings.store or "", settings.s3)
-        self.env = open_environment(cache_dir, settings.cache_size)
-        self.cache = ChunkCache(self.env, settings.cache_size)
-        self.index = CatalogIndex(self.env, store.url)
-        self.catalog_store = CatalogStore(store)
-        self.catalog = Catalog(self.catalog_store, self.index)
-        count = self.catalog.load_cached()  # so a refresh only fetches what changed
-        try:
-            store.check()
-            self.catalog.refresh()
-        except (StoreUnavailable, StoreNotFound) as exc:
-            if not count:
-                raise type(exc)(f"{exc}; and the cache at {cache_dir} holds no catalog "
-                                "to start from") from None
-            log.warning("store cannot be used (%s); serving the cached catalog of %d images "
-                        "read-only from %s until it comes back", exc, count, cache_dir)
-        if settings.allow_other:
-            log.warning("--allow-other: every local user can read every image through this "
-                        "mount (per-caller access control is not enforced yet)")
-        self.reader = ImageReader(self.catalog_store, self.index, self.cache,
-                                  settings.chunk_size, settings.memory_cache,
-                                  settings.prefetch_max, settings.s3.max_connections)
-        self.admin = CatalogAdmin(self.catalog_store, on_change=self.catalog.apply,
-                                  on_purge=self.catalog.forget)
+        self._lock(cache_dir, "cache dir")
         spool_dir = settings.spool_dir or cache_dir / "spool"
         try:
             spool = Spool(spool_dir, settings.spool_size)
         except OSError as exc:
             raise InvalidValue(f"spool dir {spool_dir}: {exc.strerror}") from None
+        if settings.spool_dir:
+            self._lock(spool_dir, "spool dir")
+        _setup_logging(settings, cache_dir, daemonized)
+        store = open_store(settings.store or "", settings.s3, settings.read_timeout)
+        self.env = open_environment(cache_dir, settings.cache_size)
+        self.cache = ChunkCache(self.env, settings.cache_size)
+        self.index = CatalogIndex(self.env, store.url)
+        self.catalog_store = CatalogStore(store, self.index.store_id)
+        self.catalog = Catalog(self.catalog_store, self.index)
+        count = self.catalog.load_cached()  # so a refresh only fetches what changed
+        try:
+            store.check()
+            self.catalog.refresh()
+        except (StoreUnavailable, StoreNotFound, StoreUntrusted) as exc:
+            if not count and not isinstance(exc, StoreUntrusted):
+                raise type(exc)(f"{exc}; and the cache at {cache_dir} holds no catalog "
+                                "to start from") from None
+            log.warning("store cannot be used (%s); serving the cached catalog of %d images "
+                        "from %s until it comes back (uploads wait in the inbox, changes "
+                        "to images answer EIO)", exc, count, cache_dir)
+        if settings.allow_other:
+            log.warning("--allow-other: every local user can read every image through this "
+                        "mount (per-caller access control is not enforced yet)")
+        self.reader = ImageReader(self.catalog_store, self.index, self.cache,
+                                  settings.chunk_size, settings.memory_cache,
+                                  settings.prefetch_max, settings.s3.max_connections,
+                                  settings.read_timeout)
+        self.admin = CatalogAdmin(self.catalog_store)
+        self.catalog_calls = BlockingCalls(1)
         self.inbox = Inbox(spool, self.catalog_store, settings.block_size,
                            settings.settle_time, on_publish=self.catalog.apply,
                            known_projects=lambda: self.namespace.known_projects())
         self.namespace = Namespace(lambda: self.catalog.snapshot, OpenPolicy(),
                                    settings.projects, self.inbox)
-        self.ops = Operations(self.namespace, self.reader, self.inbox, self.admin,
+        self.gestures = Gestures(self.namespace, self.admin, self.catalog, self.inbox,
+                                 settings.delete_grace, settings.gesture_timeout)
+        self.ops = Operations(self.namespace, self.reader, self.inbox, self.gestures,
                               lambda: self.catalog.snapshot.images,
-                              settings.entry_timeout, settings.delete_grace, self.stats)
+                              settings.entry_timeout, self.stats)
 
     def stats(self) -> dict[str, Any]:
+        calls = (self.reader.store_calls, self.gestures.store_calls, self.catalog_calls)
         return {**self.reader.stats.as_dict(), "cache_bytes": self.cache.total_bytes(),
                 "cache_cap": self.cache.cap, "images": len(self.catalog.snapshot.images),
-                "catalog_generation": self.catalog.snapshot.generation}
+                "catalog_generation": self.catalog.snapshot.generation,
+                "store_timeouts": sum(c.timeouts for c in calls),
+                "stuck_threads": sum(c.stuck for c in calls),
+                "abandoned_threads": sum(c.abandoned for c in calls)}
 
     def run(self, ready_fd: int | None) -> int:
         options = set(pyfuse3.default_options)
@@ -205,57 +254,49 @@ class Daemon:
             trio.run(self._main)
         finally:
             pyfuse3.close(unmount=True)  # even after a crash: never leave a stale mount
+            # Only abandoned store calls can still be running, and none touches LMDB.
             self.cache.flush_touches()
             self.env.sync(True)
             self.env.close()
             self.catalog_store.store.close()
+            for lock in self._locks:
+                lock.release()
             log.info("unmounted %s", self.mountpoint)
         return 0
 
     async def _main(self) -> None:
+        interval = self.settings.refresh_interval
         async with trio.open_nursery() as nursery:
             self.reader.start(nursery)
-            nursery.start_soon(self._refresh_loop)
-            nursery.start_soon(self._flush_loop)
+            nursery.start_soon(periodic, "catalog refresh", interval, self._refresh)
+            nursery.start_soon(periodic, "scrubber", interval, self._scrub)
+            nursery.start_soon(periodic, "cache bookkeeping", _FLUSH_INTERVAL, self._flush)
+            nursery.start_soon(keep_running, "inbox committer", self.inbox.run)
             nursery.start_soon(self._signal_loop)
-            nursery.start_soon(self.inbox.run)
             await pyfuse3.main()
             with trio.move_on_after(_DRAIN_TIMEOUT):
                 await self.reader.drain()
             nursery.cancel_scope.cancel()
 
-    async def _refresh_loop(self) -> None:
-        failing = False
-        while True:
-            await trio.sleep(self.settings.refresh_interval)
-            try:
-                await trio.to_thread.run_sync(self.catalog.refresh, abandon_on_cancel=True)
-                await trio.to_thread.run_sync(self._scrub, abandon_on_cancel=True)
-                if failing:
-                    log.warning("store is reachable again; catalog refreshes resumed")
-                failing = False
-            except ImagefsError as exc:
-                if not failing:
-                    log.warning("catalog refresh failed (%s); serving the last catalog", exc)
-                failing = True
-            except Exception:
-                log.exception("catalog refresh failed unexpectedly")
+    async def _refresh(self) -> None:
+        changes = await self.catalog_calls.run(self.catalog.fetch_changes,
+                                               timeout=_REFRESH_TIMEOUT, what="catalog refresh")
+        await trio.to_thread.run_sync(self.catalog.apply_changes, changes)
 
-    def _scrub(self) -> None:
+    async def _scrub(self) -> None:
         """Purge images deleted longer ago than the grace period (any host may do it)."""
         deleted = [m for m in self.catalog.snapshot.images.values()
                    if m.record.status == "pending_delete"]
-        if deleted:
-            self.admin.scrub(self.settings.delete_grace, deleted)
+        if not deleted:
+            return
+        gone = await self.catalog_calls.run(self.admin.scrub, self.settings.delete_grace,
+                                            deleted, timeout=_REFRESH_TIMEOUT, what="scrub")
+        for image_id in gone:
+            await trio.to_thread.run_sync(self.catalog.forget, image_id)
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await trio.sleep(_FLUSH_INTERVAL)
-            try:
-                await trio.to_thread.run_sync(self.cache.flush_touches)
-                await trio.to_thread.run_sync(self.env.sync, True)
-            except Exception:
-                log.exception("cache bookkeeping failed")
+    async def _flush(self) -> None:
+        await trio.to_thread.run_sync(self.cache.flush_touches)
+        await trio.to_thread.run_sync(self.env.sync, True)
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -267,7 +308,7 @@ class Daemon:
 
 def umount(mountpoint: Path, lazy: bool = False) -> int:
     """`imagefs umount`: unmount and wait (bounded) for the mount to disappear."""
-    if not _mounted(mountpoint):
+    if not is_mounted(mountpoint):
         raise InvalidValue(f"{mountpoint} is not mounted")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [tool, "-u"] if tool else ["umount"]
@@ -279,6 +320,6 @@ def umount(mountpoint: Path, lazy: bool = False) -> int:
         raise InvalidValue(f"cannot unmount {mountpoint}: {reason} (is a file still open? "
                            "try --lazy)")
     deadline = time.monotonic() + 10
-    while _mounted(mountpoint) and time.monotonic() < deadline:
+    while is_mounted(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     return 0

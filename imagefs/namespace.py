@@ -6,8 +6,6 @@ for a caller's view and cached per (catalog generation, view key, folder).
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,12 +13,10 @@ from typing import Any, Protocol
 
 from imagefs.access import AccessPolicy, Caller
 from imagefs.catalog import Snapshot
+from imagefs.inodes import ROOT_INODE, dir_inode, image_inode
 from imagefs.naming import assign_names, clean_component
 from imagefs.records import ImageRecord
 
-ROOT_INODE = 1
-_DIR_BIT = 1 << 60
-_FILE_BIT = 1 << 61
 Path = tuple[str, ...]
 
 TOP_FOLDERS = ("by-id", "community", "inbox", "projects", "public", "tags")
@@ -42,26 +38,12 @@ class Entry:
         return self.path is not None
 
 
-def dir_inode(path: Path) -> int:
-    """Stable across remounts and hosts: derived from the path alone."""
-    if not path:
-        return ROOT_INODE
-    digest = hashlib.blake2b("\0".join(path).encode("utf-8", "surrogateescape"),
-                             digest_size=8).digest()
-    return _DIR_BIT | (int.from_bytes(digest, "big") & (_DIR_BIT - 1))
-
-
-def file_inode(image_id: str) -> int:
-    """Stable across remounts and hosts: derived from the image id alone."""
-    return _FILE_BIT | ((uuid.UUID(image_id).int >> 64) & (_FILE_BIT - 1))
-
-
 def _dir(path: Path) -> Entry:
     return Entry(dir_inode(path), path=path)
 
 
 def _file(image: ImageRecord) -> Entry:
-    return Entry(file_inode(image.id), image_id=image.id)
+    return Entry(image_inode(image.id), image_id=image.id)
 
 
 class InboxView(Protocol):
@@ -96,7 +78,7 @@ class Namespace:
         """The image behind a file inode, if it is active and the caller may see it."""
         snap = self._snapshot()
         if self._file_inodes_gen != snap.generation:
-            self._file_inodes = {file_inode(i): i for i in snap.images}
+            self._file_inodes = {image_inode(i): i for i in snap.images}
             self._file_inodes_gen = snap.generation
         image_id = self._file_inodes.get(inode)
         record = snap.record(image_id) if image_id else None

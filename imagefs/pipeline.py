@@ -4,7 +4,7 @@ Two steps. `stage_data` makes one pass over the data: inspect, hash (md5, sha512
 per block) and upload, all at once. `publish` checks the result against the record's
 declared format and writes the block table and then the manifest, so an image is visible
 only once its data is complete. The inbox runs `stage_data` while a file is still being
-written (see stream_upload.py) and `publish` once it has settled.
+written (see inbox/streaming.py) and `publish` once it has settled.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import IO
 
 from imagefs import manifest as mf
+from imagefs.catalog_store import CatalogStore
+from imagefs.errors import ObjectChanged
 from imagefs.inspect_format import Detected, FormatDetector, check_declared
 from imagefs.records import ImageRecord, now_us
 from imagefs.stores import Store
@@ -115,9 +117,11 @@ def discard(store: Store, image_id: str) -> None:
             log.warning("could not remove %s after a failed upload: %s", key, exc)
 
 
-def publish(store: Store, record: ImageRecord, staged: StagedData) -> mf.Manifest:
+def publish(catalog_store: CatalogStore, record: ImageRecord,
+            staged: StagedData) -> mf.Manifest:
     """Make staged data the image `record`: block table, then manifest (the commit)."""
     assert record.id == staged.image_id
+    store = catalog_store.store
     try:
         record.disk_format = check_declared(record.disk_format, staged.detected)
         record.virtual_size = staged.detected.virtual_size
@@ -132,7 +136,9 @@ def publish(store: Store, record: ImageRecord, staged: StagedData) -> mf.Manifes
         manifest = mf.Manifest(record=record, block_size=staged.block_size,
                                blocks_sha256=hashlib.sha256(staged.table).hexdigest())
         store.put(mf.blocks_key(record.id), staged.table)
-        store.put(mf.manifest_key(record.id), manifest.encode())
+        catalog_store.create(manifest)
+    except ObjectChanged:
+        raise  # another image holds the id: nothing of ours to clean up, nothing of theirs
     except BaseException:
         discard(store, record.id)
         raise
@@ -141,7 +147,10 @@ def publish(store: Store, record: ImageRecord, staged: StagedData) -> mf.Manifes
     return manifest
 
 
-def upload_image(store: Store, source: IO[bytes], record: ImageRecord, block_size: int,
+def upload_image(catalog_store: CatalogStore, source: IO[bytes], record: ImageRecord,
+                 block_size: int,
                  progress: Callable[[int], None] = lambda n: None) -> mf.Manifest:
     """Stage and publish in one go (the CLI's `image create`)."""
-    return publish(store, record, stage_data(store, source, record.id, block_size, progress))
+    catalog_store.identity.ensure_for_write()  # before any data goes to the wrong place
+    staged = stage_data(catalog_store.store, source, record.id, block_size, progress)
+    return publish(catalog_store, record, staged)

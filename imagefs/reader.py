@@ -7,6 +7,10 @@ served from LMDB hashes one block, not a whole chunk. The unit of fetching and c
 the chunk (a multiple of the block). Concurrent misses share one fetch (single-flight);
 sequential readers get a prefetch window that grows while they stay sequential and resets
 on seek. All blocking work runs in worker threads under explicit capacity limiters.
+
+Every read answers within `read_timeout`: store calls run in threads that are abandoned
+(and counted) when they outlive it, and the read then answers StoreUnavailable (EIO).
+Cached blocks never wait on the store, so they stay readable through an outage.
 """
 
 from __future__ import annotations
@@ -14,17 +18,26 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import trio
 
 from imagefs import manifest as mf
+from imagefs.blocking import BlockingCalls
 from imagefs.cache import ChunkCache, chunk_key
-from imagefs.catalog import CatalogIndex, CatalogStore
-from imagefs.errors import ChunkCorrupted, ImagefsError
+from imagefs.catalog_index import CatalogIndex
+from imagefs.catalog_store import CatalogStore
+from imagefs.errors import ChunkCorrupted, ImagefsError, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 _MAX_PENDING_WRITES = 8  # chunks waiting for the LMDB writer; bounds their memory
+_TABLE_CACHE = 128 << 20  # block tables kept in memory: 1 TiB of images at 256 KiB blocks
+_FETCH_ATTEMPTS = 2  # a chunk that fails its hashes is fetched once more (a flipped bit)
+# A chunk the store just failed to deliver fails again at once for this long: the kernel
+# retries a failed readahead with a synchronous read, which must not wait a second deadline.
+_FAILURE_MEMORY = 2.0
+_STORE_SHARE = 0.9  # of read_timeout: a stalled fetch gives up just before the read does
 
 
 @dataclass
@@ -35,6 +48,7 @@ class ReadStats:
     memory_hits: int = 0
     corrupt_chunks: int = 0
     damaged_cache_entries: int = 0
+    read_timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -56,24 +70,24 @@ class _Flight:
     error: BaseException | None = None
 
 
-class _MemoryBlocks:
-    """A byte-bounded LRU of verified blocks, so hot data is not re-hashed per read."""
+class _ByteLRU:
+    """A byte-bounded LRU: verified blocks (hot data is not re-hashed), block tables."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
         self._bytes = 0
 
-    def get(self, key: tuple[bytes, int]) -> bytes | None:
+    def get(self, key: Hashable) -> bytes | None:
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
         return data
 
-    def __contains__(self, key: tuple[bytes, int]) -> bool:
+    def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
-    def put(self, key: tuple[bytes, int], data: bytes) -> None:
+    def put(self, key: Hashable, data: bytes) -> None:
         if key in self._items or len(data) > self.capacity:
             return
         self._items[key] = data
@@ -121,18 +135,20 @@ def _block_ok(table: bytes, block: int, data: bytes | memoryview) -> bool:
 class ImageReader:
     def __init__(self, catalog_store: CatalogStore, index: CatalogIndex, cache: ChunkCache,
                  chunk_size: int, memory_cache: int, prefetch_max: int,
-                 store_limit: int = 16) -> None:
+                 store_limit: int = 16, read_timeout: float = 10.0) -> None:
         self.catalog_store = catalog_store
         self.index = index
         self.cache = cache
         self.chunk_size = chunk_size
         self.prefetch_max = prefetch_max
+        self.read_timeout = read_timeout
         self.stats = ReadStats()
-        self._memory = _MemoryBlocks(memory_cache)
-        self._tables: OrderedDict[str, bytes] = OrderedDict()
+        self.store_calls = BlockingCalls(store_limit)
+        self._memory = _ByteLRU(memory_cache)
+        self._tables = _ByteLRU(_TABLE_CACHE)
         self._table_locks: dict[str, trio.Lock] = {}
         self._flights: dict[object, _Flight] = {}
-        self._store_limiter = trio.CapacityLimiter(store_limit)
+        self._failures: dict[bytes, tuple[float, ImagefsError]] = {}
         self._cpu_limiter = trio.CapacityLimiter(2)
         self._lmdb_write_limiter = trio.CapacityLimiter(1)
         self._prefetch_slots = trio.Semaphore(max(store_limit // 2, 1))
@@ -155,6 +171,17 @@ class ImageReader:
 
     async def read(self, manifest: mf.Manifest, offset: int, size: int,
                    stream: Stream | None = None) -> bytes:
+        """Verified bytes, or StoreUnavailable once `read_timeout` has passed."""
+        with trio.move_on_after(self.read_timeout):
+            return await self._read(manifest, offset, size, stream)
+        self.stats.read_timeouts += 1
+        log.warning("read of image %s at %d answered EIO: the store did not deliver within "
+                    "%gs", manifest.record.id, offset, self.read_timeout)
+        raise StoreUnavailable(f"image {manifest.record.id}: no data from the store within "
+                               f"{self.read_timeout:g}s")
+
+    async def _read(self, manifest: mf.Manifest, offset: int, size: int,
+                    stream: Stream | None) -> bytes:
         geo = self.geometry(manifest)
         end = min(offset + size, geo.size)
         if offset >= end:
@@ -247,27 +274,53 @@ class ImageReader:
         return data, data is not None and _block_ok(table, block, data)
 
     async def _fetch_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
-        """A whole chunk from the store, verified block by block, then cached."""
-        data = await trio.to_thread.run_sync(
-            self.catalog_store.store.get_range, mf.data_key(geo.manifest.record.id),
-            chunk * geo.chunk, geo.chunk_length(chunk), limiter=self._store_limiter,
-            abandon_on_cancel=True)
-        self.stats.store_requests += 1
-        self.stats.store_bytes += len(data)
-        bad = await trio.to_thread.run_sync(self._first_bad_block, geo, chunk, table, data,
-                                            limiter=self._cpu_limiter)
-        if bad is not None:
-            self.stats.corrupt_chunks += 1
-            log.error("image %s: block %d does not match the hash recorded at upload; the "
-                      "store's copy is corrupt (read answered EIO)", geo.manifest.record.id,
-                      bad)
-            raise ChunkCorrupted(f"image {geo.manifest.record.id}: block {bad} is corrupt")
+        """A whole chunk from the store, verified block by block, then cached.
+
+        A chunk that fails its hashes is fetched once more (bits flipped on the way);
+        failing again, the store's copy is corrupt and the read answers EIO.
+        """
+        key = geo.key(chunk)
+        failed = self._failures.get(key)
+        if failed is not None and trio.current_time() - failed[0] < _FAILURE_MEMORY:
+            raise failed[1]
+        try:
+            data = await self._fetch_verified(geo, chunk, table)
+        except (StoreError, ChunkCorrupted) as exc:
+            now = trio.current_time()
+            self._failures = {k: v for k, v in self._failures.items()
+                              if now - v[0] < _FAILURE_MEMORY}
+            self._failures[key] = (now, exc)
+            raise
+        self._failures.pop(key, None)
         self._remember(geo, chunk, data)
         self._pending_writes += 1
         if self._pending_writes <= _MAX_PENDING_WRITES and self._nursery is not None:
-            self._nursery.start_soon(self._write_back, geo.key(chunk), data)
+            self._nursery.start_soon(self._write_back, key, data)
         else:  # the cache is slower than the store: let the reader wait (backpressure)
-            await self._write_back(geo.key(chunk), data)
+            await self._write_back(key, data)
+        return data
+
+    async def _fetch_verified(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
+        image_id = geo.manifest.record.id
+        for attempt in range(_FETCH_ATTEMPTS):
+            data = await self.store_calls.run(
+                self.catalog_store.store.get_range, mf.data_key(image_id), chunk * geo.chunk,
+                geo.chunk_length(chunk), timeout=self.read_timeout * _STORE_SHARE,
+                what=f"chunk {chunk} of image {image_id}")
+            self.stats.store_requests += 1
+            self.stats.store_bytes += len(data)
+            bad = await trio.to_thread.run_sync(self._first_bad_block, geo, chunk, table,
+                                                data, limiter=self._cpu_limiter)
+            if bad is None:
+                break
+            self.stats.corrupt_chunks += 1
+            if attempt + 1 < _FETCH_ATTEMPTS:
+                log.warning("image %s: block %d from the store does not match its hash; "
+                            "fetching it again", image_id, bad)
+                continue
+            log.error("image %s: block %d does not match the hash recorded at upload, twice; "
+                      "the store's copy is corrupt (read answered EIO)", image_id, bad)
+            raise ChunkCorrupted(f"image {image_id}: block {bad} is corrupt")
         return data
 
     @staticmethod
@@ -292,31 +345,27 @@ class ImageReader:
 
     async def block_table(self, manifest: mf.Manifest) -> bytes:
         """The block hashes of an image: memory, then the LMDB index, then the store."""
-        image_id = manifest.record.id
-        table = self._tables.get(image_id)
-        if table is not None and self._table_matches(manifest, table):
-            self._tables.move_to_end(image_id)
+        key = (manifest.record.id, manifest.blocks_sha256)
+        table = self._tables.get(key)
+        if table is not None:
             return table
-        lock = self._table_locks.setdefault(image_id, trio.Lock())
-        async with lock:
-            table = self._tables.get(image_id)
-            if table is None or not self._table_matches(manifest, table):
-                table = await trio.to_thread.run_sync(self.index.block_table, manifest)
+        lock = self._table_locks.setdefault(manifest.record.id, trio.Lock())
+        try:
+            async with lock:
+                table = self._tables.get(key)
                 if table is None:
-                    table = await trio.to_thread.run_sync(
-                        self.catalog_store.block_table, manifest,
-                        limiter=self._store_limiter, abandon_on_cancel=True)
-                    await trio.to_thread.run_sync(self.index.put_block_table, manifest, table,
-                                                  limiter=self._lmdb_write_limiter)
-                self._tables[image_id] = table
-                while len(self._tables) > 256:
-                    self._tables.popitem(last=False)
-        self._table_locks.pop(image_id, None)  # waiters hold it; later callers hit _tables
+                    table = await trio.to_thread.run_sync(self.index.block_table, manifest)
+                    if table is None:
+                        table = await self.store_calls.run(
+                            self.catalog_store.block_table, manifest,
+                            timeout=self.read_timeout * _STORE_SHARE,
+                            what=f"block table of image {manifest.record.id}")
+                        await trio.to_thread.run_sync(self.index.put_block_table, manifest,
+                                                      table, limiter=self._lmdb_write_limiter)
+                    self._tables.put(key, table)
+        finally:
+            self._table_locks.pop(manifest.record.id, None)  # later callers hit _tables
         return table
-
-    @staticmethod
-    def _table_matches(manifest: mf.Manifest, table: bytes) -> bool:
-        return len(table) == manifest.block_count * mf.DIGEST_SIZE
 
     # -- prefetch -----------------------------------------------------------------------
 

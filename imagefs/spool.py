@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Spool:
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.used = 0  # bytes reserved by entries (their sizes); scan() does not count
+        # Known once at start and kept up to date, so listings never scan the disk.
+        self._projects = {p.name for p in root.iterdir() if p.is_dir()}
 
     def project_dir(self, project: str) -> Path:
         return self.root / project
@@ -61,24 +64,29 @@ class Spool:
         suffix = "error" if record.kind == "error" else "meta"
         return self.root / record.project / f"{record.entry_id}.{suffix}"
 
-    def projects(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+    def projects(self) -> set[str]:
+        with self._lock:
+            return set(self._projects)
 
     def add_project(self, project: str) -> None:
+        """Blocking (mkdir)."""
         self.project_dir(project).mkdir(exist_ok=True)
+        with self._lock:
+            self._projects.add(project)
 
     def save(self, record: SpoolRecord) -> None:
         """Write the metadata file atomically (temp + rename)."""
         path = self._meta_path(record)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".new")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
         tmp.write_bytes(msgpack.packb(dataclasses.asdict(record)))
         os.replace(tmp, path)
 
-    def create_data(self, record: SpoolRecord) -> None:
-        path = self.data_path(record)
-        path.parent.mkdir(exist_ok=True)
-        path.touch()
+    def create(self, record: SpoolRecord) -> None:
+        """An empty data file and its metadata (blocking)."""
+        self.add_project(record.project)
+        self.data_path(record).touch()
+        self.save(record)
 
     def remove(self, record: SpoolRecord) -> None:
         """Delete the entry's files (blocking: a large file takes a while to unlink)."""
@@ -106,10 +114,21 @@ class Spool:
             self.used = max(self.used - size, 0)
 
     def scan(self) -> list[SpoolRecord]:
-        """Every entry left on disk (by a previous run); damaged metadata is set aside."""
+        """Every entry left on disk (by a previous run); damaged metadata is set aside.
+
+        Leftovers of saves and creates that a crash cut short are removed.
+        """
         found = []
-        for project in self.projects():
-            for path in sorted(self.project_dir(project).iterdir()):
+        for project in sorted(self._projects):
+            paths = sorted(self.project_dir(project).iterdir())
+            # Entry ids with a .meta (or a damaged one, kept with its data for inspection).
+            described = {p.name.partition(".")[0] for p in paths
+                         if p.name.partition(".")[2].startswith("meta")}
+            for path in paths:
+                if path.suffix == ".new" or (path.suffix == ".data"
+                                             and path.name.partition(".")[0] not in described):
+                    log.info("removing %s, left by a save or create cut short", path)
+                    path.unlink(missing_ok=True)
                 if path.suffix not in (".meta", ".error"):
                     continue
                 try:

@@ -18,6 +18,9 @@ import pytest
 from seaweedfs import SeaweedServer
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
+# IMAGEFS_LONG=1 runs the soak, fuzz and crash tests at their full size (docs/reliability.md);
+# the default suite runs each at a quick size.
+LONG = os.environ.get("IMAGEFS_LONG") == "1"
 
 
 @dataclass

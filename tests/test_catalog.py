@@ -6,7 +6,9 @@ import io
 
 from imagefs.admin import CatalogAdmin
 from imagefs.cache import open_environment
-from imagefs.catalog import Catalog, CatalogIndex, CatalogStore
+from imagefs.catalog import Catalog
+from imagefs.catalog_index import CatalogIndex
+from imagefs.catalog_store import CatalogStore
 from imagefs.pipeline import upload_image
 from imagefs.records import ImageRecord
 from imagefs.stores import open_store
@@ -22,14 +24,14 @@ def setup(tmp_path):
 
 def create(catalog_store, name="x"):
     record = ImageRecord.new("acme", name=name, status="saving")
-    return upload_image(catalog_store.store, io.BytesIO(b"z" * 5000), record, 1024)
+    return upload_image(catalog_store, io.BytesIO(b"z" * 5000), record, 1024)
 
 
 def test_a_refresh_does_not_undo_changes_made_while_it_ran(tmp_path):
     catalog_store, catalog = setup(tmp_path)
     old = create(catalog_store, "old")
     catalog.refresh()
-    admin = CatalogAdmin(catalog_store, on_change=catalog.apply)
+    admin = CatalogAdmin(catalog_store)
     real_etags = catalog_store.manifest_etags
     made = {}
 
@@ -37,7 +39,7 @@ def test_a_refresh_does_not_undo_changes_made_while_it_ran(tmp_path):
         listed = real_etags()  # the listing predates the changes below
         made["new"] = create(catalog_store, "new")
         catalog.apply(made["new"])
-        admin.update(old.record.id, lambda r: setattr(r, "min_ram", 4096))
+        catalog.apply(admin.update(old.record.id, lambda r: setattr(r, "min_ram", 4096)))
         return listed
 
     catalog_store.manifest_etags = etags_then_local_changes
@@ -57,8 +59,9 @@ def test_scrub_never_purges_an_image_restored_meanwhile(tmp_path):
     admin.delete(image.record.id, grace=3600)
     stale = catalog_store.load_all()  # a snapshot taken while it was deleted
     admin.restore(image.record.id)
-    assert admin.scrub(0, stale) == 0
+    assert admin.scrub(0, stale) == []
     assert catalog_store.load(image.record.id).record.status == "active"
     admin.delete(image.record.id, grace=3600)
-    assert admin.scrub(0) == 1
-    assert admin.scrub(0, stale) == 0  # purged already (e.g. by another host): no error
+    assert admin.scrub(0) == [image.record.id]
+    # purged already (e.g. by another host): no error, and it is gone
+    assert admin.scrub(0, stale) == [image.record.id]

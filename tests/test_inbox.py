@@ -321,7 +321,7 @@ def test_in_order_writes_upload_while_the_file_is_written(store, mount, tmp_path
 
 def test_a_transient_store_failure_is_retried(file_store, mount, tmp_path):
     m = mount(file_store, extra=config(tmp_path), prelude=(
-        "import imagefs.inbox as inbox\n"
+        "import imagefs.inbox.committer as inbox\n"
         "from imagefs.errors import StoreUnavailable\n"
         "real, calls = inbox.publish, []\n"
         "def flaky(*args):\n"

@@ -10,7 +10,7 @@ from imagefs.config import load_settings, parse_size
 from imagefs.errors import InvalidValue, ReadOnlyField, StoreUnavailable
 from imagefs.naming import assign_names, natural_name
 from imagefs.records import ImageRecord, parse_field
-from imagefs.retry import retry
+from imagefs.retry import Backoff, retry
 
 
 def image(name, fmt="qcow2", created=1, **kw):
@@ -126,7 +126,7 @@ class TestRetry:
     def test_retries_temporary_failures_then_succeeds(self):
         calls = []
 
-        @retry(lambda e: isinstance(e, ConnectionError), deadline=5, first_delay=0.001,
+        @retry(lambda e: isinstance(e, ConnectionError), deadline=5, backoff=Backoff(0.001),
                sleep=lambda s: None)
         def flaky():
             calls.append(1)
@@ -149,7 +149,7 @@ class TestRetry:
         assert len(calls) == 1
 
     def test_deadline_bounds_the_wait(self):
-        @retry(lambda e: True, deadline=0.05, first_delay=0.01)
+        @retry(lambda e: True, deadline=0.05, backoff=Backoff(0.01))
         def down():
             raise ConnectionError("down")
 

@@ -11,8 +11,11 @@ from imagefs.stores.base import ObjectInfo, ObjectWriter, Store
 __all__ = ["ObjectInfo", "ObjectWriter", "Store", "open_store"]
 
 
-def open_store(url: str, s3: S3Settings | None = None) -> Store:
-    """Open the store at `url`; raises InvalidValue for a URL we cannot serve."""
+def open_store(url: str, s3: S3Settings | None = None, timeout: float = 60.0) -> Store:
+    """Open the store at `url`; raises InvalidValue for a URL we cannot serve.
+
+    `timeout` bounds each call to a network store, retries included.
+    """
     if not url:
         raise InvalidValue("no store given: pass --store file:///DIR or s3://BUCKET/PREFIX")
     if url.startswith("/"):
@@ -29,6 +32,6 @@ def open_store(url: str, s3: S3Settings | None = None) -> Store:
         from imagefs.stores.s3 import S3Store
         if not parsed.netloc:
             raise InvalidValue(f"invalid S3 store URL {url!r}: use s3://BUCKET[/PREFIX]")
-        return S3Store(parsed.netloc, parsed.path.strip("/"), s3 or S3Settings())
+        return S3Store(parsed.netloc, parsed.path.strip("/"), s3 or S3Settings(), timeout)
     raise InvalidValue(f"unknown store scheme {parsed.scheme or '(none)'!r} in {url!r}: "
                        "use file:///DIR or s3://BUCKET/PREFIX")

@@ -48,12 +48,31 @@ class Store(abc.ABC):
     def get(self, key: str) -> bytes: ...
 
     @abc.abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object and its etag, for a later put(..., if_match=etag)."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """True if `key` is there; False only on the store's positive word that it is not."""
+
+    @abc.abstractmethod
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Exactly `length` bytes from `start`, or StoreError if the object is shorter."""
 
     @abc.abstractmethod
-    def put(self, key: str, data: bytes) -> None:
-        """Write a small object atomically: readers see the old or the new, never half."""
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> None:
+        """Write a small object atomically: readers see the old or the new, never half.
+
+        `if_match` writes only over the version with that etag, `if_absent` only where
+        there is no object yet; otherwise ObjectChanged. A store that cannot enforce
+        these says so in `conditional_writes`.
+        """
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether put()'s conditions are enforced (else they are best effort)."""
+        return True
 
     @abc.abstractmethod
     def open_writer(self, key: str) -> ObjectWriter: ...

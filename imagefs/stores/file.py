@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from imagefs.errors import (ObjectNotFound, StoreAccessDenied, StoreError, StoreNotFound,
-                            StoreUnavailable)
+from imagefs.errors import (ObjectChanged, ObjectNotFound, StoreAccessDenied, StoreError,
+                            StoreNotFound, StoreUnavailable)
 from imagefs.stores.base import ObjectInfo, ObjectWriter, Store
 
 _TMP_MARK = ".tmp-"
+# Conditional writes compare and replace under this lock: an flock, so it holds between
+# processes on this host and, on NFSv4 (lockd), between hosts.
+_LOCK_FILE = ".imagefs-write-lock"
+
+
+def _etag(st: os.stat_result) -> str:
+    """Changes on every rewrite: a replace brings a new inode and a new mtime."""
+    return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,8 +95,21 @@ class FileStore(Store):
             raise StoreAccessDenied(f"store directory {self.root} is not readable")
 
     def get(self, key: str) -> bytes:
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                return f.read(), _etag(os.fstat(f.fileno()))
+        except OSError as exc:
+            raise _translate(exc, key) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._path(key).stat()
+            return True
+        except FileNotFoundError:
+            return False
         except OSError as exc:
             raise _translate(exc, key) from exc
 
@@ -111,14 +134,40 @@ class FileStore(Store):
         finally:
             os.close(fd)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> None:
         writer = self.open_writer(key)
         try:
             writer.write(data)
-            writer.commit()
+            with self._write_lock() if if_match is not None or if_absent else \
+                    contextlib.nullcontext():
+                if if_match is not None or if_absent:
+                    self._check_version(key, if_match)
+                writer.commit()
         except BaseException:
             writer.abort()
             raise
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _translate(exc, _LOCK_FILE) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_version(self, key: str, if_match: str | None) -> None:
+        try:
+            current: str | None = _etag(self._path(key).stat())
+        except FileNotFoundError:
+            current = None
+        if current != if_match:
+            raise ObjectChanged(f"{key} was changed by someone else (expected version "
+                                f"{if_match or 'none'}, found {current or 'none'})")
 
     def open_writer(self, key: str) -> ObjectWriter:
         try:
@@ -141,8 +190,7 @@ class FileStore(Store):
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size,
-                             f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}")
+            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size, _etag(st))
 
     def delete(self, key: str) -> None:
         try:

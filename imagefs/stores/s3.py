@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -11,22 +15,45 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
+import urllib3.exceptions
 
 from imagefs.config import S3Settings
-from imagefs.errors import (ObjectNotFound, StoreAccessDenied, StoreError, StoreNotFound,
-                            StoreUnavailable)
+from imagefs.errors import (ObjectChanged, ObjectNotFound, StoreAccessDenied, StoreError,
+                            StoreNotFound, StoreUnavailable)
 from imagefs.retry import retry
 from imagefs.stores.base import ObjectInfo, ObjectWriter, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# BadDigest and the SHA256 mismatch: a body damaged on the way in (boto3 sends a CRC32 and
+# a SHA-256 of every body, and servers check them): sending it again is the cure.
 _TEMP_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
-               "Throttling", "ThrottlingException", "RequestTimeTooSkewed"}
+               "Throttling", "ThrottlingException", "RequestTimeTooSkewed", "BadDigest",
+               "XAmzContentSHA256Mismatch"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                  "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+# 412 when the condition fails; AWS answers 409 when a concurrent conditional write wins.
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _PARTS_IN_FLIGHT = 4  # per upload: bounds its memory to 4 parts
+_UPLOAD_DEADLINE = 120.0  # a part or a multipart commit: background work, no caller waits
+_PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+_BODY_PIECE = 1 << 20
+
+
+class _BodyCorrupted(Exception):
+    """A body that does not match its ETag: damaged in transit, worth fetching again."""
+
+
+# The answer was lost or damaged on the way: the request is worth sending again.
+# Bodies are read from urllib3 directly (see _read_body), so its errors count too.
+_TRANSPORT_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                     botocore.exceptions.ResponseStreamingError,
+                     botocore.exceptions.IncompleteReadError,
+                     botocore.parsers.ResponseParserError, urllib3.exceptions.HTTPError,
+                     ConnectionError, _BodyCorrupted)
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:
@@ -35,8 +62,7 @@ def _status(exc: botocore.exceptions.ClientError) -> int:
 
 def is_temp_failure(exc: BaseException) -> bool:
     """Network trouble, 5xx, 408 and 429 are worth retrying; everything else is final."""
-    if isinstance(exc, (botocore.exceptions.ConnectionError,
-                        botocore.exceptions.HTTPClientError)):
+    if isinstance(exc, _TRANSPORT_ERRORS):
         return True
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
@@ -58,13 +84,41 @@ def _translate(exc: Exception, what: str) -> Exception:
             return StoreNotFound(f"{what}: the bucket does not exist")
         if code in _MISSING_KEY_CODES:
             return ObjectNotFound(f"{what}: no such object")
+        if code in _CONFLICT_CODES or _status(exc) in (409, 412):
+            return ObjectChanged(f"{what}: changed by someone else meanwhile ({code})")
         if code in _DENIED_CODES or _status(exc) == 403:
             return StoreAccessDenied(f"{what}: access denied ({code}); check the credentials")
         return StoreError(f"{what}: S3 error {code}: {exc}")
-    if isinstance(exc, (botocore.exceptions.ConnectionError,
-                        botocore.exceptions.HTTPClientError)):
+    if isinstance(exc, _TRANSPORT_ERRORS):
         return StoreUnavailable(f"{what}: cannot reach the S3 endpoint: {exc}")
     return exc
+
+
+def _read_body(answer: dict[str, Any], expected: int, give_up_at: float, what: str) -> bytes:
+    """The whole body, or StoreUnavailable once `give_up_at` passes.
+
+    A trickling server never trips a socket timeout, so the body is read a piece at a
+    time (read1: whatever the socket has) and the clock checked between pieces.
+    """
+    body = answer["Body"]
+    raw = body._raw_stream  # botocore's StreamingBody.read(n) blocks until n bytes
+    parts = []
+    got = 0
+    while got < expected:
+        piece = raw.read1(min(_BODY_PIECE, expected - got))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+        if got < expected and time.monotonic() > give_up_at:
+            body.close()
+            raise StoreUnavailable(f"{what}: the store sends too slowly ({got} of "
+                                   f"{expected} bytes before the deadline)")
+    if got != expected:
+        body.close()
+        raise botocore.exceptions.IncompleteReadError(actual_bytes=got,
+                                                      expected_bytes=expected)
+    return b"".join(parts)
 
 
 class _MultipartWriter(ObjectWriter):
@@ -93,7 +147,8 @@ class _MultipartWriter(ObjectWriter):
         if self._upload_id is None:
             self._upload_id = self._store._call(
                 f"start upload of {self._key}", self._store.client.create_multipart_upload,
-                Bucket=self._store.bucket, Key=self._store._full(self._key))["UploadId"]
+                deadline=_UPLOAD_DEADLINE, Bucket=self._store.bucket,
+                Key=self._store._full(self._key))["UploadId"]
         number = len(self._parts) + 1
         self._slots.acquire()
         future = self._store.pool.submit(self._upload_part, number, body)
@@ -103,7 +158,7 @@ class _MultipartWriter(ObjectWriter):
     def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
         answer = self._store._call(
             f"upload part {number} of {self._key}", self._store.client.upload_part,
-            Bucket=self._store.bucket, Key=self._store._full(self._key),
+            deadline=_UPLOAD_DEADLINE, Bucket=self._store.bucket, Key=self._store._full(self._key),
             UploadId=self._upload_id, PartNumber=number, Body=body)
         return {"PartNumber": number, "ETag": answer["ETag"]}
 
@@ -117,7 +172,7 @@ class _MultipartWriter(ObjectWriter):
         parts = [f.result() for f in self._parts]
         self._store._call(
             f"complete upload of {self._key}", self._store.client.complete_multipart_upload,
-            Bucket=self._store.bucket, Key=self._store._full(self._key),
+            deadline=_UPLOAD_DEADLINE, Bucket=self._store.bucket, Key=self._store._full(self._key),
             UploadId=self._upload_id, MultipartUpload={"Parts": parts})
 
     def abort(self) -> None:
@@ -134,19 +189,27 @@ class _MultipartWriter(ObjectWriter):
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings,
+                 timeout: float = 60.0) -> None:
+        """`timeout`: how long one call (all its retries) may take before StoreUnavailable."""
         self.bucket = bucket
         self.prefix = prefix
         self.settings = settings
+        self.timeout = timeout
+        self._conditions: bool | None = None  # learnt on the first conditional write
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         session = boto3.session.Session(profile_name=settings.profile) if settings.profile \
             else boto3.session.Session()
         config = botocore.config.Config(
             s3={"addressing_style": settings.addressing_style},
             # Retries happen in imagefs.retry, the one place with a deadline.
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            # Bodies are verified here (block hashes, MD5 ETags), and read piecewise.
+            response_checksum_validation="when_required",
             max_pool_connections=settings.max_connections,
-            connect_timeout=5, read_timeout=30)
+            # Half the call's deadline: a stalled connection leaves time for one retry.
+            connect_timeout=min(5.0, max(timeout / 2, 1.0)),
+            read_timeout=min(30.0, max(timeout / 2, 1.0)))
         self.client = session.client(
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
             aws_access_key_id=settings.access_key_id,
@@ -157,10 +220,10 @@ class S3Store(Store):
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, what: str, fn: Callable[..., T], *, deadline: float = 60.0,
+    def _call(self, what: str, fn: Callable[..., T], *, deadline: float | None = None,
               **kwargs: Any) -> T:
         try:
-            return retry(is_temp_failure, deadline=deadline)(fn)(**kwargs)
+            return retry(is_temp_failure, deadline=deadline or self.timeout)(fn)(**kwargs)
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"{what}: S3 endpoint {self.client.meta.endpoint_url} "
                                    f"is unavailable ({exc.__cause__})") from exc
@@ -168,27 +231,83 @@ class S3Store(Store):
             raise _translate(exc, what) from exc
 
     def check(self) -> None:
-        self._call(f"bucket {self.bucket}", self.client.list_objects_v2, deadline=10.0,
-                   Bucket=self.bucket, Prefix=self._full("manifests/"), MaxKeys=1)
+        self._call(f"bucket {self.bucket}", self.client.list_objects_v2,
+                   deadline=min(self.timeout, 10.0), Bucket=self.bucket,
+                   Prefix=self._full("manifests/"), MaxKeys=1)
 
     def get(self, key: str) -> bytes:
-        def fetch() -> bytes:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Small objects (manifests, block tables) are checked against their MD5 ETag."""
+        give_up_at = time.monotonic() + self.timeout
+
+        def fetch() -> tuple[bytes, str]:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            data = _read_body(answer, answer["ContentLength"], give_up_at, key)
+            etag = answer.get("ETag", "")
+            plain = _PLAIN_MD5_ETAG.match(etag)
+            if plain and hashlib.md5(data).hexdigest() != plain.group(1):
+                raise _BodyCorrupted(f"{key}: the body does not match its ETag")
+            return data, etag
         return self._call(key, fetch)
 
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._full(key))
+            return True
+        except ObjectNotFound:
+            return False
+
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        give_up_at = time.monotonic() + self.timeout
+
         def fetch() -> bytes:
             answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key),
                                             Range=f"bytes={start}-{start + length - 1}")
-            return answer["Body"].read()
-        data = self._call(key, fetch)
-        if len(data) != length:
-            raise StoreError(f"{key}: wanted {length} bytes at {start}, got {len(data)}")
-        return data
+            if answer["ContentLength"] != length:
+                answer["Body"].close()
+                raise StoreError(f"{key}: wanted {length} bytes at {start}, the store has "
+                                 f"{answer['ContentLength']}")
+            return _read_body(answer, length, give_up_at, key)
+        return self._call(key, fetch)
 
-    def put(self, key: str, data: bytes) -> None:
-        self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._full(key),
-                   Body=data)
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> None:
+        conditions: dict[str, str] = {}
+        if (if_match is not None or if_absent) and self.conditional_writes:
+            conditions = {"IfMatch": if_match} if if_match is not None else \
+                {"IfNoneMatch": "*"}
+        try:
+            self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._full(key),
+                       Body=data, **conditions)
+        except ObjectNotFound:  # AWS's answer to If-Match on a key that is gone
+            raise ObjectChanged(f"{key} was removed by someone else meanwhile") from None
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Probed once: a server that ignores If-Match would silently lose updates."""
+        if self._conditions is None:
+            self._conditions = self._probe_conditions()
+            if not self._conditions:
+                log.warning("%s ignores conditional writes (If-Match); two hosts changing "
+                            "one image at the same moment may overwrite each other", self.url)
+        return self._conditions
+
+    def _probe_conditions(self) -> bool:
+        key = f"probes/conditional-{uuid.uuid4().hex}"
+        self.put(key, b"1")
+        try:
+            self._call(key, self.client.put_object, Bucket=self.bucket,
+                       Key=self._full(key), Body=b"2", IfMatch='"0"')
+            return False
+        except ObjectChanged:
+            return True
+        except StoreError as exc:  # 501 NotImplemented and the like
+            log.info("conditional write probe: %s", exc)
+            return False
+        finally:
+            self.delete(key)
 
     def open_writer(self, key: str) -> ObjectWriter:
         return _MultipartWriter(self, key)

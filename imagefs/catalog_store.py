@@ -1,0 +1,115 @@
+"""Catalog operations against the store: list, load, save and delete manifests.
+
+Blocking, and shared by the CLI and the daemon. Saves of existing manifests are
+conditional on the version that was read, so two writers (two FUSE requests, a CLI and
+a mount, two hosts) never silently overwrite each other's change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from imagefs import manifest as mf
+from imagefs.errors import ImageNotFound, ManifestDamaged, ObjectChanged, ObjectNotFound
+from imagefs.records import now_us
+from imagefs.store_identity import StoreIdentity
+from imagefs.stores import Store
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+_PARALLEL = 8
+
+
+class CatalogStore:
+    def __init__(self, store: Store, expected_id: str | None = None) -> None:
+        self.store = store
+        self.identity = StoreIdentity(store, expected_id)
+
+    def manifest_etags(self) -> dict[str, str]:
+        etags = {}
+        for info in self.store.list(mf.MANIFEST_PREFIX):
+            image_id = mf.image_id_of(info.key)
+            if image_id:
+                etags[image_id] = info.etag
+        return etags
+
+    def load(self, image_id: str) -> mf.Manifest:
+        return self.load_versioned(image_id)[0]
+
+    def load_versioned(self, image_id: str) -> tuple[mf.Manifest, str]:
+        """The manifest and its etag, for a conditional save()."""
+        try:
+            raw, etag = self.store.get_versioned(mf.manifest_key(image_id))
+        except ObjectNotFound:
+            raise ImageNotFound(f"no image with id {image_id}") from None
+        return mf.Manifest.decode(raw, f"manifest of image {image_id}"), etag
+
+    def load_all(self) -> list[mf.Manifest]:
+        return list(self.load_many(self.manifest_etags()).values())
+
+    def load_many(self, image_ids: Iterable[str]) -> dict[str, mf.Manifest]:
+        """Fetch manifests in parallel; a damaged or vanished one is logged and skipped."""
+
+        def fetch(image_id: str) -> mf.Manifest | None:
+            try:
+                return self.load(image_id)
+            except ImageNotFound:
+                return None
+            except ManifestDamaged as exc:
+                log.error("%s; the image is left out of the catalog", exc)
+                return None
+
+        return self._parallel(fetch, image_ids)
+
+    def confirm_gone(self, image_ids: Iterable[str]) -> list[str]:
+        """Of images a listing did not show, those whose manifest the store says is gone.
+
+        A listing can miss keys (a damaged answer, a store that is not what it seems);
+        only the store's positive "no such object" removes an image.
+        """
+        present = self._parallel(lambda i: self.store.exists(mf.manifest_key(i)), image_ids)
+        return [i for i, there in present.items() if not there]
+
+    @staticmethod
+    def _parallel(fn: Callable[[str], R | None], items: Iterable[str]) -> dict[str, R]:
+        """fn over ids on a few threads; ids for which fn gives None are left out."""
+        ids = list(items)
+        if not ids:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL, len(ids))) as pool:
+            results = pool.map(fn, ids)
+            return {i: r for i, r in zip(ids, results, strict=True) if r is not None}
+
+    def save(self, manifest: mf.Manifest, etag: str) -> None:
+        """Rewrite a manifest read at version `etag`; ObjectChanged if it moved since."""
+        manifest.record.validate()
+        manifest.record.updated_at = now_us()
+        self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(), if_match=etag)
+
+    def create(self, manifest: mf.Manifest) -> None:
+        """Write the manifest of a new image: the commit point of an upload.
+
+        A retried put whose first try landed finds its own manifest there: that is
+        success. Anything else already under the id is left alone (ObjectChanged).
+        """
+        self.identity.ensure_for_write()
+        try:
+            self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(),
+                           if_absent=True)
+        except ObjectChanged:
+            there = self.load(manifest.record.id)
+            if (there.blocks_sha256, there.record.os_hash_value) != \
+                    (manifest.blocks_sha256, manifest.record.os_hash_value):
+                raise
+
+    def delete(self, image_id: str) -> None:
+        """Remove the manifest first (the image vanishes at once), then its data."""
+        self.store.delete(mf.manifest_key(image_id))
+        for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
+            self.store.delete(key)
+
+    def block_table(self, manifest: mf.Manifest) -> bytes:
+        return mf.check_block_table(manifest, self.store.get(mf.blocks_key(manifest.record.id)))
