@@ -31,15 +31,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from imagefs.config import parse_size  # noqa: E402
+from imagefs.mountinfo import is_mounted  # noqa: E402
 from seaweedfs import SeaweedServer  # noqa: E402
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 SETTLE = 1.0
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
 
 
 def make_file(path: Path, size: int) -> None:
@@ -100,7 +96,7 @@ def main() -> int:
                  "--cache-dir", str(work / "cache"), "--config", str(config), str(mnt)],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
             try:
-                while not mounted(mnt):
+                while not is_mounted(mnt):
                     if daemon.poll() is not None:
                         raise SystemExit((work / "daemon.log").read_text())
                     time.sleep(0.05)

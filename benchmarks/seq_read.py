@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tests/seaweedfs.py: the SeaweedFS test server
 
 from imagefs.config import parse_size
+from imagefs.mountinfo import is_mounted
 
 MiB = 1 << 20
 GEN_BLOCK = MiB           # content of generator block i depends only on (seed, i)
@@ -225,12 +226,6 @@ class CpuWatch:
 FOREIGN_LIMIT = 0.15  # cores used by others during a measurement before it is redone
 
 
-def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 def seq_read(path: Path | str, expect_size: int) -> dict[str, float]:
     """Read the whole file with 1 MiB reads; MB/s from open to EOF."""
     buf = bytearray(READ_SIZE)
@@ -352,7 +347,7 @@ class Mount:
         ACTIVE_MOUNTS.append(self)
         t0 = time.perf_counter()
         try:
-            while not mounted(self.mnt):
+            while not is_mounted(self.mnt):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mount exited with {self.proc.returncode}; see "
                                        f"{self.log_path}:\n{self.log_tail()}")
@@ -383,7 +378,7 @@ class Mount:
     def stop(self, lazy: bool = False) -> None:
         """Unmount and wait for the daemon to exit (it syncs the LMDB cache on the way)."""
         try:
-            if mounted(self.mnt):
+            if is_mounted(self.mnt):
                 flags = ["-u", "-z"] if lazy else ["-u"]
                 for _ in range(20):
                     if subprocess.run(["fusermount3", *flags, str(self.mnt)],

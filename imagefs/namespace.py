@@ -47,7 +47,8 @@ def _file(image: ImageRecord) -> Entry:
 
 
 class InboxView(Protocol):
-    generation: int
+    @property
+    def generation(self) -> int: ...
 
     def projects(self) -> set[str]: ...
 

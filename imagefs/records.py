@@ -61,7 +61,18 @@ def validate_project(project: str) -> str:
     return project
 
 
+def _is_text(value: str) -> bool:
+    """Valid Unicode: no lone surrogates (which is how undecodable bytes arrive)."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def validate_name(name: str | None) -> str | None:
+    if name is not None and not _is_text(name):
+        raise InvalidValue(f"image name {name!r} is not UTF-8 text")
     if name is not None and len(name) > MAX_NAME:
         raise InvalidValue(f"image name is {len(name)} characters; Glance allows at most "
                            f"{MAX_NAME}")
@@ -103,8 +114,8 @@ def validate_tags(tags: Any) -> list[str]:
         raise InvalidValue("tags must be a list of strings")
     unique: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str) or not tag:
-            raise InvalidValue(f"invalid tag {tag!r}: tags are non-empty strings")
+        if not isinstance(tag, str) or not tag or not _is_text(tag):
+            raise InvalidValue(f"invalid tag {tag!r}: tags are non-empty UTF-8 strings")
         if len(tag) > MAX_TAG:
             raise InvalidValue(f"tag {tag[:40]!r}... is {len(tag)} characters; at most {MAX_TAG}")
         if tag not in unique:
@@ -115,12 +126,14 @@ def validate_tags(tags: Any) -> list[str]:
 
 
 def validate_property(key: str, value: Any) -> tuple[str, str]:
-    if not isinstance(key, str) or not key or len(key) > MAX_PROPERTY_KEY:
-        raise InvalidValue(f"invalid property key {key!r}: 1-{MAX_PROPERTY_KEY} characters")
+    if not isinstance(key, str) or not key or len(key) > MAX_PROPERTY_KEY \
+            or not _is_text(key):
+        raise InvalidValue(f"invalid property key {key!r}: 1-{MAX_PROPERTY_KEY} characters "
+                           "of UTF-8 text")
     if key in RESERVED_KEYS or key.startswith(RESERVED_PREFIX):
         raise ReadOnlyField(f"property key {key!r} is reserved by Glance")
-    if not isinstance(value, str):
-        raise InvalidValue(f"property {key!r} must have a string value")
+    if not isinstance(value, str) or not _is_text(value):
+        raise InvalidValue(f"property {key!r} must have a UTF-8 text value")
     if len(value) > MAX_PROPERTY_VALUE:
         raise InvalidValue(f"property {key!r} is longer than {MAX_PROPERTY_VALUE} characters")
     return key, value

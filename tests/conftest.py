@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from imagefs.mountinfo import is_mounted
 from seaweedfs import SeaweedServer
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
@@ -113,12 +114,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
     return request.getfixturevalue("s3_store")
 
 
-def _mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 class Mount:
     """A real mount of the daemon in the foreground, always unmounted at the end."""
 
@@ -148,7 +143,7 @@ class Mount:
              str(self.cache_dir), *self.extra, str(self.path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
-        while not _mounted(self.path):
+        while not is_mounted(self.path):
             if self.process.poll() is not None:
                 raise AssertionError(f"mount exited with {self.process.returncode}:\n"
                                      f"{self.log()}")
@@ -163,7 +158,7 @@ class Mount:
     def stop(self) -> None:
         if self.process is None:
             return
-        if _mounted(self.path):
+        if is_mounted(self.path):
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
         try:
             self.process.wait(timeout=15)

@@ -117,11 +117,20 @@ class InboxFiles:
         return fd
 
     async def close(self, entry: InboxEntry, fd: int, writable: bool) -> None:
-        await self._io_call(os.close, fd)
         if not writable:
+            await self._io_call(os.close, fd)
             return
-        entry.writers -= 1
+        entry.writers -= 1  # counted at once: the closer's next getxattr must see it
         entry.touch()
+        try:
+            if not entry.writers and not entry.dropped:
+                # "Closed" in the spool must mean the bytes are on disk: after a power
+                # loss, a file recorded as closed is published as it stands.
+                await self._io_call(os.fsync, fd)
+        except OSError as exc:
+            await self._note_write_error(entry, os.strerror(exc.errno or 5))
+        finally:
+            await self._io_call(os.close, fd)
         if entry.writers:
             return
         if entry.dropped:

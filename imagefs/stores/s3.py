@@ -274,7 +274,7 @@ class S3Store(Store):
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
             if_absent: bool = False) -> None:
-        conditions: dict[str, str] = {}
+        conditions: dict[str, Any] = {}
         if (if_match is not None or if_absent) and self.conditional_writes:
             conditions = {"IfMatch": if_match} if if_match is not None else \
                 {"IfNoneMatch": "*"}
