@@ -45,9 +45,13 @@ FSTYPE = "fuse.imagefs"
 
 
 def _alive(path: Path) -> bool:
-    """False for a FUSE mount whose daemon died (the kernel answers ENOTCONN)."""
+    """False for a FUSE mount whose daemon died (the kernel answers ENOTCONN).
+
+    statfs, not stat: the kernel answers stat from its attribute cache for a while after
+    the daemon died, but always forwards statfs.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
         return True
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:

@@ -39,13 +39,25 @@ class Inbox:
         self.committer = Committer(self.registry, self.files, spool, catalog_store,
                                    block_size, settle_time, on_publish)
         self._known_projects = known_projects
-        for record in spool.scan():
+        for record in sorted(spool.scan(), key=lambda r: r.mtime_ns):
             self._resume(record)
         if self.registry.all():
             log.info("inbox: resuming %d entries left by the previous run",
                      len(self.registry.all()))
 
     def _resume(self, record: SpoolRecord) -> None:
+        """Take up an entry left by the previous run (called oldest first).
+
+        Two entries under one name mean a rename over a file was cut short: the newer
+        (the renamed one) wins, as the rename would have made it.
+        """
+        older = self.registry.lookup(record.project, record.name)
+        if older is not None:
+            log.info("inbox/%s/%s: a rename over it was cut short; finishing it",
+                     record.project, record.name)
+            self.registry.drop(older)
+            self.spool.remove(older.record)
+            self.spool.release(older.size)
         entry = InboxEntry(record, size=self.spool.data_size(record))
         self.spool.claim(entry.size)
         if record.open_for_write:  # the daemon died while a writer had it open

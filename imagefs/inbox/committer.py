@@ -162,9 +162,10 @@ class Committer:
     async def _fail(self, entry: InboxEntry, reason: str) -> None:
         """Replace the entry with `<name>.error`, explaining why and what to do.
 
-        The report is shown before the entry goes, so a watcher never sees neither; the
-        entry's data goes before the report is saved, so a full spool disk has room for
-        it. A report that cannot be saved is still shown until the daemon stops.
+        The report is shown and saved before the entry goes, so neither a watcher nor a
+        crash ever sees neither (a crash in between leaves both, and the entry fails
+        again at the next start). On a full spool disk the entry's data goes first to
+        make room; a report that still cannot be saved is shown until the daemon stops.
         """
         name = entry.record.name + ERROR_SUFFIX
         old = self.registry.lookup(entry.record.project, name)
@@ -175,9 +176,14 @@ class Committer:
                                     "Fix the file and copy it into the inbox again; "
                                     "rm this .error file to clear it.\n")
         self.registry.add(InboxEntry(report, state="failed"))
-        await self.files.discard(entry)
         try:
             await trio.to_thread.run_sync(self.spool.save, report)
-        except OSError as exc:
-            log.error("inbox/%s/%s: could not save the report in the spool (%s); it is "
-                      "shown until the daemon stops", report.project, name, exc)
+        except OSError:
+            await self.files.discard(entry)  # room for the report on a full disk
+            try:
+                await trio.to_thread.run_sync(self.spool.save, report)
+            except OSError as exc:
+                log.error("inbox/%s/%s: could not save the report in the spool (%s); it is "
+                          "shown until the daemon stops", report.project, name, exc)
+            return
+        await self.files.discard(entry)

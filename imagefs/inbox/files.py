@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -232,7 +233,8 @@ class InboxFiles:
             raise NotPermitted("inbox files cannot move between projects")
         target = self.registry.lookup(new_project, new_name)
         if target is not None and target is not entry:
-            await self.unlink(target)
+            self.check_writable(target)  # rename(2) over a file being uploaded: refused
+
         def refile(record: SpoolRecord) -> None:
             self.registry.drop(entry)
             entry.record = record
@@ -240,7 +242,11 @@ class InboxFiles:
             entry.touch()
             self.registry.add(entry)
 
-        await self._save(entry, refile, name=new_name)
+        # Saved under the new name first, and newest: if the daemon dies before the
+        # replaced file is removed, the next start keeps the newer of the two.
+        await self._save(entry, refile, name=new_name, mtime_ns=time.time_ns())
+        if target is not None and target is not entry:
+            await self.discard(target)
 
     # -- removing -----------------------------------------------------------------------
 
