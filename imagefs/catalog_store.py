@@ -8,6 +8,7 @@ a mount, two hosts) never silently overwrite each other's change.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -110,6 +111,25 @@ class CatalogStore:
         self.store.delete(mf.manifest_key(image_id))
         for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
             self.store.delete(key)
+
+    def sweep(self, older_than: float) -> int:
+        """Remove data and block tables no manifest names, once older than `older_than` s.
+
+        They are what uploads and purges cut short by a crash leave: an upload writes
+        its manifest seconds after its data, so a day-old object without one is garbage.
+        Returns how many objects went (store temporaries included).
+        """
+        cutoff = time.time() - older_than
+        named = set(self.manifest_etags())
+        removed = self.store.remove_stale_temporaries(older_than)
+        for prefix in (mf.DATA_PREFIX, mf.BLOCKS_PREFIX):
+            for info in list(self.store.list(prefix)):
+                image_id = info.key[len(prefix):]
+                if image_id not in named and info.modified < cutoff:
+                    log.info("removing %s: no manifest names it (left by a crash)", info.key)
+                    self.store.delete(info.key)
+                    removed += 1
+        return removed
 
     def block_table(self, manifest: mf.Manifest) -> bytes:
         return mf.check_block_table(manifest, self.store.get(mf.blocks_key(manifest.record.id)))

@@ -108,8 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(restore)
     restore.add_argument("image_id", metavar="ID")
 
-    scrub = verbs.add_parser("scrub", help="purge deleted images whose grace period is over")
+    scrub = verbs.add_parser(
+        "scrub", help="purge deleted images whose grace period is over",
+        description="Purge deleted images whose grace period is over (prints how many), "
+                    "and remove data and block tables that no manifest names once they are "
+                    "old enough: what uploads and purges cut short by a crash leave behind.")
     _add_common(scrub)
+    scrub.add_argument("--leftovers-older-than", type=float, default=86400.0,
+                       metavar="SECONDS", help="age before an unnamed object is removed "
+                       "(default one day)")
 
     setter = verbs.add_parser("set", help="change an image's metadata")
     _add_common(setter)
@@ -296,8 +303,13 @@ def cmd_image_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_image_scrub(args: argparse.Namespace) -> int:
+    """Purge deleted images past their grace period; sweep what crashes left behind."""
     settings = _settings(args)
-    print(len(CatalogAdmin(_catalog(settings)).scrub(settings.delete_grace)))
+    catalog = _catalog(settings)
+    print(len(CatalogAdmin(catalog).scrub(settings.delete_grace)))
+    swept = catalog.sweep(args.leftovers_older_than)
+    if swept:
+        print(f"removed {swept} objects no image names (left by crashes)", file=sys.stderr)
     return 0
 
 

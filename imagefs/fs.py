@@ -98,6 +98,8 @@ class Operations(pyfuse3.Operations):
         self._timeout = 0.0 if namespace.policy.caller_dependent() else entry_timeout
         self._handles = itertools.count(1)
         self._open: dict[int, _ImageHandle | _InboxHandle] = {}
+        # Images with open handles, by inode: a deleted image reads on through them.
+        self._opened: dict[int, tuple[int, Manifest]] = {}
         self._open_dirs: dict[int, list[tuple[str, Entry]]] = {}
         self._started_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -160,6 +162,8 @@ class Operations(pyfuse3.Operations):
 
     def _record(self, caller: Caller, inode: int) -> ImageRecord:
         record = self.namespace.image_for_inode(caller, inode)
+        if record is None and inode in self._opened:  # deleted, still open: reads go on
+            record = self._opened[inode][1].record
         if record is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return record
@@ -203,10 +207,9 @@ class Operations(pyfuse3.Operations):
             handle = self._open.get(fh) if fh is not None else None
             fd = handle.fd if isinstance(handle, _InboxHandle) else None
             await self.inbox.files.truncate(entry, fd, attr.st_size)
-        if fields.update_mode:  # kept for the listing; images are always 0644
-            entry.record.mode = attr.st_mode & 0o777
-        if fields.update_mtime:
-            entry.record.mtime_ns = attr.st_mtime_ns
+        await self.inbox.files.set_attributes(
+            entry, attr.st_mode & 0o777 if fields.update_mode else None,
+            attr.st_mtime_ns if fields.update_mtime else None)
         return self._inbox_attrs(entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -284,6 +287,8 @@ class Operations(pyfuse3.Operations):
         manifest = self._images().get(record.id)
         if manifest is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        count = self._opened.get(inode, (0, manifest))[0]
+        self._opened[inode] = (count + 1, manifest)
         # Image data is immutable: the kernel's page cache stays valid across opens.
         return self._new_handle(_ImageHandle(manifest, Stream()), keep_cache=True)
 
@@ -301,8 +306,7 @@ class Operations(pyfuse3.Operations):
         path = self._folder(parent_inode)
         if len(path) != 2 or path[0] != "inbox":
             raise pyfuse3.FUSEError(errno.EROFS)
-        entry = await self.inbox.files.create(path[1], os.fsdecode(name))
-        entry.record.mode = mode & 0o777
+        entry = await self.inbox.files.create(path[1], os.fsdecode(name), mode & 0o777)
         fd = await self.inbox.files.open(entry, True, False)
         return self._new_handle(_InboxHandle(entry, fd, True)), self._inbox_attrs(entry)
 
@@ -333,6 +337,13 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def release(self, fh: int) -> None:
         handle = self._open.pop(fh, None)
+        if isinstance(handle, _ImageHandle):
+            inode = image_inode(handle.manifest.record.id)
+            count, manifest = self._opened[inode]
+            if count > 1:
+                self._opened[inode] = (count - 1, manifest)
+            else:
+                del self._opened[inode]
         if isinstance(handle, _InboxHandle) and handle.fd is not None:
             await self.inbox.files.close(handle.entry, handle.fd, handle.writable)
 

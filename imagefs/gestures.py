@@ -93,10 +93,12 @@ class Gestures:
         target = self.namespace.lookup(caller, new_folder, new_name)
         if target is not None and target.image_id != record.id:
             raise NameTaken(f"{new_name} already exists; a rename never replaces an image")
+        # The same file name in another folder keeps the image's name as it is.
+        renamed = new_name if new_name != old_name else None
         if old_folder == new_folder:
-            await self._set_name(caller, record, new_folder, new_name, None)
+            await self._set_name(caller, record, new_folder, renamed, None)
         elif self._project_folders(old_folder, new_folder, VISIBILITY_FOLDERS):
-            await self._set_name(caller, record, new_folder, new_name, new_folder[2])
+            await self._set_name(caller, record, new_folder, renamed, new_folder[2])
         elif (self._project_folders(old_folder, new_folder, tuple(MEMBER_FOLDERS))
               and new_folder[2] == "shared-with-me"):
             await self._admin(self.admin.set_member, record.id, new_folder[1], "accepted")
@@ -112,8 +114,9 @@ class Gestures:
                 and old[1] == new[1] and old[2] in kinds and new[2] in kinds)
 
     async def _set_name(self, caller: Caller, record: ImageRecord, folder: Path,
-                        file_name: str, visibility: str | None) -> None:
-        name = split_extension(file_name, record.disk_format)[0]  # the rule's extension off
+                        file_name: str | None, visibility: str | None) -> None:
+        """A new name (the file name without the rule's extension) and/or visibility."""
+        name = split_extension(file_name, record.disk_format)[0] if file_name else record.name
         moved = dataclasses.replace(record, name=name,
                                     visibility=visibility or record.visibility)
         clash = self.namespace.lookup(caller, folder, natural_name(moved))

@@ -20,7 +20,9 @@ from imagefs.container_bounds import StreamSample, check_complete
 from imagefs.errors import UnsafeImage
 
 log = logging.getLogger(__name__)
-logging.getLogger("oslo_utils.imageutils.format_inspector").setLevel(logging.ERROR)
+# The inspectors log at ERROR about odd input ("VMDK descriptor failed to decode as
+# ASCII" for any UTF-8 text); what matters here comes back as UnsafeImage, with a reason.
+logging.getLogger("oslo_utils.imageutils.format_inspector").setLevel(logging.CRITICAL)
 
 INSPECT_PIECE = 64 << 10
 # Inspector names that Glance stores under another disk_format.
@@ -50,7 +52,9 @@ class FormatDetector:
     def __init__(self, source: IO[bytes]) -> None:
         self._source = source
         self._inspectors = [inspector() for inspector in fi.ALL_FORMATS.values()]
-        self._failures: dict[fi.FileInspector, Exception] = {}
+        # Why an inspector gave up, as text: an exception would keep its traceback, and
+        # with it the upload's buffers, alive until the cycle collector runs.
+        self._failures: dict[fi.FileInspector, str] = {}
         self._sample = StreamSample()
 
     def read(self, size: int) -> bytes:
@@ -80,7 +84,7 @@ class FormatDetector:
                 inspector.eat_chunk(piece)
             except Exception as exc:  # odd input for this inspector; it reads no further
                 log.debug("%s inspector gave up on this data: %r", inspector, exc)
-                self._failures[inspector] = exc
+                self._failures[inspector] = _reason(exc)
 
     def finish(self) -> Detected:
         """Decide after the last read; raise UnsafeImage with a reason and a remedy."""
@@ -118,11 +122,14 @@ def _matches(inspector: fi.FileInspector) -> bool:
         return False
 
 
-def _unverifiable(name: str, exc: Exception) -> UnsafeImage:
-    log.debug("%s inspector failed", name, exc_info=exc)
+def _reason(exc: Exception) -> str:
     detail = str(exc) if isinstance(exc, fi.ImageFormatError) else \
         f"the inspector failed on it ({type(exc).__name__}: {exc})"
-    return UnsafeImage(f"could not verify the {name} image: {' '.join(detail.split())}")
+    return " ".join(detail.split())
+
+
+def _unverifiable(name: str, reason: str) -> UnsafeImage:
+    return UnsafeImage(f"could not verify the {name} image: {reason}")
 
 
 def _check_safety(inspector: fi.FileInspector) -> None:
@@ -134,7 +141,8 @@ def _check_safety(inspector: fi.FileInspector) -> None:
         raise UnsafeImage(f"{name} image failed Glance's safety checks ({reasons}); "
                           "flatten it first (qemu-img convert -O qcow2 SRC DST)") from None
     except Exception as exc:
-        raise _unverifiable(name, exc) from None
+        log.debug("%s inspector failed", name, exc_info=True)
+        raise _unverifiable(name, _reason(exc)) from None
 
 
 def _virtual_size(inspector: fi.FileInspector) -> int:
@@ -142,7 +150,8 @@ def _virtual_size(inspector: fi.FileInspector) -> int:
     try:
         size = int(inspector.virtual_size)
     except Exception as exc:
-        raise _unverifiable(name, exc) from None
+        log.debug("%s inspector failed", name, exc_info=True)
+        raise _unverifiable(name, _reason(exc)) from None
     if not 0 <= size <= _MAX_VIRTUAL_SIZE:
         raise UnsafeImage(f"the {name} image declares a virtual size of {size} bytes, "
                           "which no disk has")

@@ -21,15 +21,17 @@ FORMAT_VERSION = 1
 BLOCK_ALGO = "sha256"
 DIGEST_SIZE = 32
 MANIFEST_PREFIX = "manifests/"
+DATA_PREFIX = "data/"
+BLOCKS_PREFIX = "blocks/"
 MANIFEST_SUFFIX = ".msgpack"
 
 
 def data_key(image_id: str) -> str:
-    return f"data/{image_id}"
+    return f"{DATA_PREFIX}{image_id}"
 
 
 def blocks_key(image_id: str) -> str:
-    return f"blocks/{image_id}"
+    return f"{BLOCKS_PREFIX}{image_id}"
 
 
 def manifest_key(image_id: str) -> str:

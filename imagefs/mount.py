@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 _FLUSH_INTERVAL = 2.0
 _DRAIN_TIMEOUT = 10.0  # at unmount, how long to wait for chunks still being cached
 _REFRESH_TIMEOUT = 120.0  # a refresh stuck longer (a hung NFS store) is abandoned
+_SWEEP_INTERVAL = 6 * 3600.0  # how often leftovers of crashes are looked for in the store
+_SWEEP_AGE = 86400.0  # objects no manifest names are removed once this old
 FSTYPE = "fuse.imagefs"
 
 
@@ -234,7 +236,8 @@ class Daemon:
     def stats(self) -> dict[str, Any]:
         calls = (self.reader.store_calls, self.gestures.store_calls, self.catalog_calls)
         return {**self.reader.stats.as_dict(), "cache_bytes": self.cache.total_bytes(),
-                "cache_cap": self.cache.cap, "images": len(self.catalog.snapshot.images),
+                "cache_cap": self.cache.cap, "evicted_bytes": self.cache.evicted_bytes,
+                "images": len(self.catalog.snapshot.images),
                 "catalog_generation": self.catalog.snapshot.generation,
                 "store_timeouts": sum(c.timeouts for c in calls),
                 "stuck_threads": sum(c.stuck for c in calls),
@@ -274,6 +277,7 @@ class Daemon:
             self.reader.start(nursery)
             nursery.start_soon(periodic, "catalog refresh", interval, self._refresh)
             nursery.start_soon(periodic, "scrubber", interval, self._scrub)
+            nursery.start_soon(periodic, "store sweep", _SWEEP_INTERVAL, self._sweep)
             nursery.start_soon(periodic, "cache bookkeeping", _FLUSH_INTERVAL, self._flush)
             nursery.start_soon(keep_running, "inbox committer", self.inbox.run)
             nursery.start_soon(self._signal_loop)
@@ -297,6 +301,13 @@ class Daemon:
                                             deleted, timeout=_REFRESH_TIMEOUT, what="scrub")
         for image_id in gone:
             await trio.to_thread.run_sync(self.catalog.forget, image_id)
+
+    async def _sweep(self) -> None:
+        """Remove what crashes left in the store (any host may; deletes are idempotent)."""
+        removed = await self.catalog_calls.run(self.catalog_store.sweep, _SWEEP_AGE,
+                                               timeout=_REFRESH_TIMEOUT, what="store sweep")
+        if removed:
+            log.info("store sweep removed %d objects left by crashes", removed)
 
     async def _flush(self) -> None:
         await trio.to_thread.run_sync(self.cache.flush_touches)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +122,22 @@ def test_help_explains():
     out = run_cli("mount", "--help").stdout
     assert "--cache-size" in out and "--allow-other" in out and "every local user" in out
     assert "image" in run_cli("--help").stdout
+
+
+def test_scrub_sweeps_what_crashes_left(file_store, tmp_path):
+    """Objects no manifest names (an upload or purge cut short) go once a day old."""
+    image_id = file_store.create(make_file(tmp_path / "kept.raw", 4096, seed=3), "acme")
+    root = Path(file_store.url.removeprefix("file://"))
+    orphan = "0f1e2d3c-0000-4000-8000-000000000000"
+    old = [root / f"data/{orphan}", root / f"blocks/{orphan}",
+           root / f"data/{image_id}.tmp-deadbeef"]
+    fresh = root / "data/0f1e2d3c-1111-4000-8000-000000000000"
+    for path in old + [fresh]:
+        path.write_bytes(b"left by a crash")
+    day_ago = time.time() - 2 * 86400
+    for path in old:
+        os.utime(path, (day_ago, day_ago))
+    result = file_store.cli("image", "scrub")
+    assert "removed 3 objects" in result.stderr
+    assert not any(p.exists() for p in old) and fresh.exists()
+    assert (root / f"data/{image_id}").exists() and (root / f"blocks/{image_id}").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -31,6 +32,7 @@ def test_put_get_range_list_delete(store):
     assert s.get_range("data/a", 10, 20) == bytes(range(10, 30))
     listed = {o.key: o for o in s.list("manifests/")}
     assert set(listed) == {"manifests/a.msgpack", "manifests/b.msgpack"}
+    assert all(abs(o.modified - time.time()) < 300 for o in listed.values())  # sweep ages
     etag = listed["manifests/a.msgpack"].etag
     s.put("manifests/a.msgpack", b"alpha-2")
     assert {o.key: o.etag for o in s.list("manifests/")}["manifests/a.msgpack"] != etag

@@ -57,9 +57,10 @@ class Inbox:
                      record.project, record.name)
             self.registry.drop(older)
             self.spool.remove(older.record)
-            self.spool.release(older.size)
-        entry = InboxEntry(record, size=self.spool.data_size(record))
-        self.spool.claim(entry.size)
+            self.spool.release(older.reserved)
+        size = self.spool.data_size(record)
+        entry = InboxEntry(record, size=size, reserved=size)
+        self.spool.claim(size)
         if record.open_for_write:  # the daemon died while a writer had it open
             record.write_error = "the daemon stopped while the file was being written"
             record.open_for_write = False

@@ -28,7 +28,8 @@ def never_committed(name: str) -> bool:
 @dataclasses.dataclass
 class InboxEntry:
     record: SpoolRecord
-    size: int = 0  # bytes reserved in the spool: the file's size as its writers made it
+    size: int = 0  # the file's size, as its writers made it
+    reserved: int = 0  # bytes of staging space held for it (0 once it is done with)
     writers: int = 0
     state: str = "settling"  # settling -> inspecting -> uploading -> gone, or failed
     last_change: float = dataclasses.field(default_factory=time.monotonic)
@@ -36,6 +37,7 @@ class InboxEntry:
     attempts: int = 0
     dropped: bool = False  # unlinked, renamed over or published; open handles may remain
     stream: StreamingStage | None = None  # staging alongside in-order writes
+    handles: int = 0  # open file handles, readers and writers
     # Record saves run in threads; one at a time per entry, each on top of the last.
     save_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
 
@@ -63,8 +65,13 @@ class InboxEntry:
         return len(self.report) if self.is_error else self.size
 
     def touch(self) -> None:
-        self.last_change = time.monotonic()
+        """The data or metadata changed: a new mtime, and the settle time starts again."""
+        self.settle_again()
         self.record.mtime_ns = time.time_ns()
+
+    def settle_again(self) -> None:
+        """Opened or closed: the settle time starts again, the mtime stays the last write's."""
+        self.last_change = time.monotonic()
 
 
 class Registry:
@@ -73,21 +80,34 @@ class Registry:
     def __init__(self) -> None:
         self._by_name: dict[str, dict[str, InboxEntry]] = {}
         self._by_inode: dict[int, InboxEntry] = {}
+        # Unlinked or renamed over while open: gone from the folder, still there for the
+        # handles open on it (as on a local filesystem), until the last one closes.
+        self._detached: dict[int, InboxEntry] = {}
         self._published: dict[str, OrderedDict[str, str]] = {}
         self.generation = 0
 
     def add(self, entry: InboxEntry) -> None:
         self._by_name.setdefault(entry.record.project, {})[entry.record.name] = entry
         self._by_inode[entry.inode] = entry
+        self._detached.pop(entry.inode, None)
         self.generation += 1
 
     def drop(self, entry: InboxEntry) -> None:
         folder = self._by_name.get(entry.record.project, {})
         if folder.get(entry.record.name) is entry:
             del folder[entry.record.name]
-        self._by_inode.pop(entry.inode, None)
+        if self._by_inode.get(entry.inode) is entry:
+            del self._by_inode[entry.inode]
+            if entry.handles:
+                self._detached[entry.inode] = entry
         entry.dropped = True
         self.generation += 1
+
+    def closed(self, entry: InboxEntry) -> None:
+        """A handle on the entry closed; a detached entry goes with its last handle."""
+        entry.handles -= 1
+        if not entry.handles and self._detached.get(entry.inode) is entry:
+            del self._detached[entry.inode]
 
     def lookup(self, project: str, name: str) -> InboxEntry | None:
         return self._by_name.get(project, {}).get(name)
@@ -96,7 +116,7 @@ class Registry:
         return dict(self._by_name.get(project, {}))
 
     def by_inode(self, inode: int) -> InboxEntry | None:
-        return self._by_inode.get(inode)
+        return self._by_inode.get(inode) or self._detached.get(inode)
 
     def all(self) -> list[InboxEntry]:
         return list(self._by_inode.values())

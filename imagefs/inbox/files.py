@@ -60,31 +60,35 @@ class InboxFiles:
     async def _io_call(self, fn, *args: Any) -> Any:  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self._io)
 
-    async def _save(self, entry: InboxEntry, then: Callable[[SpoolRecord], None] | None = None,
+    async def _save(self, entry: InboxEntry, then: Callable[[], None] | None = None,
                     **changes: Any) -> None:
-        """Persist the record with `changes`, then show it; on failure nothing changes.
+        """Persist the record with `changes`, then show them; on failure nothing changes.
 
-        `then(record)` replaces showing it by assignment (a rename re-files the entry).
+        The changes are applied to the live record (not a copy swapped in), so what
+        others changed meanwhile (a write's mtime) stays; `then()` runs after that (a
+        rename re-files the entry). One save at a time per entry.
         """
         async with entry.save_lock:
             record = dataclasses.replace(entry.record, **changes)
             record.metadata = dict(record.metadata)
             await self._io_call(self.spool.save, record)
-            if then is None:
-                entry.record = record
-            else:
-                then(record)
+            if then is not None:
+                self.registry.drop(entry)
+            for key, value in changes.items():
+                setattr(entry.record, key, value)
+            if then is not None:
+                then()
 
     # -- creating and opening -----------------------------------------------------------
 
-    async def create(self, project: str, name: str) -> InboxEntry:
+    async def create(self, project: str, name: str, mode: int = 0o644) -> InboxEntry:
         if project not in self._projects():
             raise ImageNotFound(f"no inbox for project {project}")
         check_name(name)
         old = self.registry.lookup(project, name)
         if old is not None:
             await self.unlink(old)
-        entry = InboxEntry(SpoolRecord(str(uuid.uuid4()), project, name))
+        entry = InboxEntry(SpoolRecord(str(uuid.uuid4()), project, name, mode=mode))
         await self._io_call(self.spool.create, entry.record)
         self.registry.add(entry)
         return entry
@@ -100,6 +104,7 @@ class InboxFiles:
         if writable or truncate:
             self.check_writable(entry)
         fd = await self._io_call(os.open, self.spool.data_path(entry.record), os.O_RDWR)
+        entry.handles += 1
         counted = False
         try:
             if truncate:
@@ -107,22 +112,24 @@ class InboxFiles:
             if writable:
                 entry.writers += 1
                 counted = True
-                entry.touch()
+                entry.settle_again()
                 if not entry.record.open_for_write:
                     await self._save(entry, open_for_write=True)
         except BaseException:
             if counted:
                 entry.writers -= 1
+            self.registry.closed(entry)
             await self._io_call(os.close, fd)
             raise
         return fd
 
     async def close(self, entry: InboxEntry, fd: int, writable: bool) -> None:
+        self.registry.closed(entry)
         if not writable:
             await self._io_call(os.close, fd)
             return
         entry.writers -= 1  # counted at once: the closer's next getxattr must see it
-        entry.touch()
+        entry.settle_again()
         try:
             if not entry.writers and not entry.dropped:
                 # "Closed" in the spool must mean the bytes are on disk: after a power
@@ -146,19 +153,30 @@ class InboxFiles:
 
     # -- data ---------------------------------------------------------------------------
 
+    def _reserve_to(self, entry: InboxEntry, size: int) -> None:
+        """Hold staging space for `size` bytes of the entry, or raise (nothing held).
+
+        Unlinked files still open hold theirs too: their data stays on disk until the
+        last handle closes.
+        """
+        if size > entry.reserved:
+            self.spool.reserve(size - entry.reserved)
+        else:
+            self.spool.release(entry.reserved - size)
+        entry.reserved = size
+
     async def write(self, entry: InboxEntry, fd: int, offset: int, data: bytes) -> int:
-        end = offset + len(data)
-        growth = max(end - entry.size, 0)
+        size = max(offset + len(data), entry.size)
         try:
-            self.spool.reserve(growth)
+            self._reserve_to(entry, size)
         except QuotaExceeded as exc:
             await self._note_write_error(entry, str(exc))
             raise
-        entry.size += growth
-        if entry.stream is None and offset == 0 and entry.size == growth \
+        if entry.stream is None and offset == 0 and entry.size == 0 \
                 and not entry.dropped and self.registry.streams() < MAX_STREAMS:
             entry.stream = StreamingStage(self.store, self.spool.data_path(entry.record),
                                           entry.record.entry_id, self.block_size)
+        entry.size = size
         try:
             written = await self._io_call(os.pwrite, fd, data, offset)
         except OSError as exc:
@@ -183,19 +201,18 @@ class InboxFiles:
 
     async def truncate(self, entry: InboxEntry, fd: int | None, size: int) -> None:
         self.check_writable(entry)
-        if size > entry.size:
-            self.spool.reserve(size - entry.size)
+        held = entry.reserved
+        if size > held:  # growing: the space is held before the file grows
+            self._reserve_to(entry, size)
         try:
             if fd is not None:
                 await self._io_call(os.ftruncate, fd, size)
             else:
                 await self._io_call(os.truncate, self.spool.data_path(entry.record), size)
         except BaseException:
-            if size > entry.size:
-                self.spool.release(size - entry.size)
+            self._reserve_to(entry, held)
             raise
-        if size < entry.size:
-            self.spool.release(entry.size - size)
+        self._reserve_to(entry, size)
         entry.size = size
         if entry.stream is not None:
             entry.stream.source.resized(size)
@@ -204,10 +221,17 @@ class InboxFiles:
             await self._save(entry, write_error="")
 
     def release_space(self, entry: InboxEntry) -> None:
-        self.spool.release(entry.size)
-        entry.size = 0  # a writer still holding it open reserves anew; see close()
+        self._reserve_to(entry, 0)  # a writer still holding it open reserves anew
 
     # -- names and metadata -------------------------------------------------------------
+
+    async def set_attributes(self, entry: InboxEntry, mode: int | None,
+                             mtime_ns: int | None) -> None:
+        """chmod and utimes: kept in the spool, shown in the listing (images are 0644)."""
+        changes = {k: v for k, v in (("mode", mode), ("mtime_ns", mtime_ns)) if v is not None}
+        if changes:
+            await self._save(entry, **changes)
+            entry.settle_again()
 
     async def set_metadata(self, entry: InboxEntry, key: str, text: str | None) -> None:
         """Set (or with None remove) a Glance field the image will be created with."""
@@ -235,11 +259,9 @@ class InboxFiles:
         if target is not None and target is not entry:
             self.check_writable(target)  # rename(2) over a file being uploaded: refused
 
-        def refile(record: SpoolRecord) -> None:
-            self.registry.drop(entry)
-            entry.record = record
+        def refile() -> None:
             entry.dropped = False
-            entry.touch()
+            entry.settle_again()
             self.registry.add(entry)
 
         # Saved under the new name first, and newest: if the daemon dies before the

@@ -14,6 +14,7 @@ class ObjectInfo:
     # Changes whenever the object is rewritten; lets a catalog refresh skip unchanged
     # manifests.
     etag: str
+    modified: float = 0.0  # seconds since the epoch, as the store says
 
 
 class ObjectWriter(abc.ABC):
@@ -83,6 +84,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""
+
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Remove what writes cut short by a crash left behind, if the store keeps such
+        things itself; returns how many. S3 leaves incomplete multipart uploads, which
+        the bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
         """Release connections."""

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,7 +191,28 @@ class FileStore(Store):
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size, _etag(st))
+            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size, _etag(st),
+                             st.st_mtime)
+
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Temp files of writes a crash cut short (`<key>.tmp-<random>`), if old enough."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for folder in ("data", "blocks", "manifests"):
+            try:
+                entries = list(os.scandir(self.root / folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _translate(exc, folder) from exc
+            for entry in entries:
+                try:
+                    if _TMP_MARK in entry.name and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
     def delete(self, key: str) -> None:
         try:

@@ -206,7 +206,8 @@ class S3Store(Store):
             retries={"total_max_attempts": 1, "mode": "standard"},
             # Bodies are verified here (block hashes, MD5 ETags), and read piecewise.
             response_checksum_validation="when_required",
-            max_pool_connections=settings.max_connections,
+            # Reads take up to max_connections; uploads, gestures and refreshes more.
+            max_pool_connections=2 * settings.max_connections,
             # Half the call's deadline: a stalled connection leaves time for one retry.
             connect_timeout=min(5.0, max(timeout / 2, 1.0)),
             read_timeout=min(30.0, max(timeout / 2, 1.0)))
@@ -322,7 +323,8 @@ class S3Store(Store):
                 kwargs["ContinuationToken"] = token
             page = self._call(f"list {prefix}", self.client.list_objects_v2, **kwargs)
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][strip:], item["Size"], item["ETag"])
+                yield ObjectInfo(item["Key"][strip:], item["Size"], item["ETag"],
+                                 item["LastModified"].timestamp())
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]
