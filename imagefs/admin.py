@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 from imagefs import manifest as mf
 from imagefs.catalog_store import CatalogStore
-from imagefs.errors import ImageNotFound, InvalidValue, NotPermitted, ObjectChanged
-from imagefs.records import ImageRecord, now_us, validate_project
+from imagefs.errors import (ImageNotFound, InvalidValue, NameTaken, NotPermitted,
+                            ObjectChanged)
+from imagefs.records import MAX_MEMBERS, ImageRecord, now_us, validate_project
 from imagefs.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -114,24 +115,72 @@ class CatalogAdmin:
                 gone.append(record.id)
         return gone
 
-    def set_member(self, image_id: str, project: str, status: str | None) -> mf.Manifest:
-        """Invite (pending), accept, reject, or (status None) remove a member project."""
+    def set_status(self, image_id: str, status: str) -> mf.Manifest:
+        """Deactivate (active -> deactivated) or reactivate (back), as Glance's admin can."""
+
+        def change(record: ImageRecord) -> None:
+            if (record.status, status) not in (("active", "deactivated"),
+                                               ("deactivated", "active")):
+                raise InvalidValue(f"image {record.id} is {record.status}; only active images "
+                                   "deactivate and only deactivated ones reactivate")
+            record.status = status
+
+        return self.update(image_id, change)
+
+    # -- members (Glance's image members: only shared images have them) -----------------
+
+    def add_member(self, image_id: str, project: str) -> mf.Manifest:
+        """Invite a project; it starts pending, and only it may accept or reject."""
         validate_project(project)
 
         def change(record: ImageRecord) -> None:
-            if status is None:
-                if record.members.pop(project, None) is None:
-                    raise InvalidValue(f"{project} is not a member of image {record.id}")
-                return
+            _check_shareable(record, project)
+            if project in record.members:
+                raise NameTaken(f"{project} is already a member of image {record.id}")
+            if len(record.members) >= MAX_MEMBERS:
+                raise InvalidValue(f"image {record.id} has {MAX_MEMBERS} members, the most "
+                                   "Glance allows")
+            record.members[project] = "pending"
+
+        return self.update(image_id, change)
+
+    def set_member_status(self, image_id: str, project: str, status: str) -> mf.Manifest:
+        """A member's answer: accepted, rejected (or back to pending)."""
+
+        def change(record: ImageRecord) -> None:
             if project not in record.members:
-                if status != "pending":
-                    raise InvalidValue(f"{project} is not a member of image {record.id}")
-                if record.visibility != "shared":
-                    raise InvalidValue(
-                        f"image {record.id} is {record.visibility}; only shared images have "
-                        f"members (imagefs image set {record.id} --visibility shared)")
-                if project == record.owner:
-                    raise InvalidValue(f"{project} owns image {record.id}")
+                raise InvalidValue(f"{project} is not a member of image {record.id}")
             record.members[project] = status
 
         return self.update(image_id, change)
+
+    def remove_member(self, image_id: str, project: str) -> mf.Manifest:
+        def change(record: ImageRecord) -> None:
+            if record.members.pop(project, None) is None:
+                raise InvalidValue(f"{project} is not a member of image {record.id}")
+
+        return self.update(image_id, change)
+
+    def set_members(self, image_id: str, projects: list[str]) -> mf.Manifest:
+        """Exactly these members: new ones pending, the others keep their answers."""
+        for project in projects:
+            validate_project(project)
+        if len(set(projects)) != len(projects):
+            raise InvalidValue("a project is listed twice among the members")
+        if len(projects) > MAX_MEMBERS:
+            raise InvalidValue(f"{len(projects)} members; Glance allows at most {MAX_MEMBERS}")
+
+        def change(record: ImageRecord) -> None:
+            for project in projects:
+                _check_shareable(record, project)
+            record.members = {p: record.members.get(p, "pending") for p in projects}
+
+        return self.update(image_id, change)
+
+
+def _check_shareable(record: ImageRecord, project: str) -> None:
+    if record.visibility != "shared":
+        raise InvalidValue(f"image {record.id} is {record.visibility}; only shared images have "
+                           f"members (imagefs image set {record.id} --visibility shared)")
+    if project == record.owner:
+        raise InvalidValue(f"{project} owns image {record.id}")

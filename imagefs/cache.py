@@ -41,15 +41,18 @@ def open_environment(path: Path, cache_size: int) -> lmdb.Environment:
     wiped and started again rather than failing the mount.
     """
     path.mkdir(parents=True, exist_ok=True)
+    (path / "lmdb").mkdir(mode=0o700, exist_ok=True)
+    (path / "lmdb").chmod(0o700)  # cached data of every tenant: the daemon's alone
     map_size = cache_size + max(cache_size // 4, 256 << 20) + _CATALOG_ALLOWANCE
     # readahead stays on: a chunk is a run of contiguous overflow pages, read whole.
     kwargs = dict(map_size=map_size, max_dbs=16, subdir=True, readahead=True,
-                  sync=False, metasync=False, max_readers=512, lock=True)
+                  sync=False, metasync=False, max_readers=512, lock=True, mode=0o600)
     try:
         return lmdb.open(str(path / "lmdb"), **kwargs)
     except lmdb.Error as exc:
         log.error("cache at %s is damaged (%s); starting with an empty cache", path, exc)
         shutil.rmtree(path / "lmdb", ignore_errors=True)
+        (path / "lmdb").mkdir(mode=0o700)
         return lmdb.open(str(path / "lmdb"), **kwargs)
 
 

@@ -19,6 +19,7 @@ from imagefs.admin import CatalogAdmin
 from imagefs.catalog_store import CatalogStore
 from imagefs.config import Settings, load_settings
 from imagefs.errors import ImagefsError, InvalidValue
+from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
                              ImageRecord, validate_property)
 from imagefs.stores import open_store
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="age before an unnamed object is removed "
                        "(default one day)")
 
+    for verb, text in (("deactivate", "make an image unreadable for everyone but admins "
+                                      "(it stays listed)"),
+                       ("reactivate", "make a deactivated image readable again")):
+        sub = verbs.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, as "
+                               "Glance's admin-only image actions do.")
+        _add_common(sub)
+        sub.add_argument("image_id", metavar="ID")
+
     setter = verbs.add_parser("set", help="change an image's metadata")
     _add_common(setter)
     setter.add_argument("image_id", metavar="ID")
@@ -179,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mount the image catalog at MOUNTPOINT. Returns once the mount is "
                     "ready (the daemon keeps running) unless --foreground.",
-        epilog="--allow-other: until per-caller access control lands, every local user can "
-               "read every image through an --allow-other mount.")
+        epilog="--allow-other: a host shared by several users needs an [access] table in "
+               "the config (users and groups -> projects, admins, readers; see "
+               "docs/access.md); without one, every local user can read every image through "
+               "an --allow-other mount.")
     _add_common(mount)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--cache-dir", metavar="DIR",
@@ -252,6 +263,10 @@ def cmd_image_create(args: argparse.Namespace) -> int:
         properties=dict(args.property), min_disk=args.min_disk, min_ram=args.min_ram,
         protected=args.protected, os_hidden=args.hidden, status="saving")
     catalog = _catalog(settings)
+    quotas = Quotas(settings.quotas)
+    if quotas.limits(args.project):
+        used = stored_usage((m.record for m in catalog.load_all()), args.project)
+        quotas.check(args.project, used, Usage(1, path.stat().st_size, 0))
     try:
         source = open(path, "rb")
     except OSError as exc:
@@ -340,8 +355,19 @@ def cmd_member(args: argparse.Namespace) -> int:
         for project, status in sorted(record.members.items()):
             print(f"{project}\t{status}")
         return 0
-    status = {"add": "pending", "remove": None}.get(args.verb, getattr(args, "status", None))
-    admin.set_member(args.image_id, args.project, status)
+    if args.verb == "add":
+        admin.add_member(args.image_id, args.project)
+    elif args.verb == "remove":
+        admin.remove_member(args.image_id, args.project)
+    else:
+        admin.set_member_status(args.image_id, args.project, args.status)
+    return 0
+
+
+def cmd_image_status(args: argparse.Namespace) -> int:
+    """Deactivate or reactivate: Glance's admin actions."""
+    status = "deactivated" if args.verb == "deactivate" else "active"
+    CatalogAdmin(_catalog(_settings(args))).set_status(args.image_id, status)
     return 0
 
 
@@ -386,7 +412,8 @@ COMMANDS = {
     ("image", "create"): cmd_image_create, ("image", "list"): cmd_image_list,
     ("image", "show"): cmd_image_show, ("image", "delete"): cmd_image_delete,
     ("image", "restore"): cmd_image_restore, ("image", "scrub"): cmd_image_scrub,
-    ("image", "set"): cmd_image_set, ("member", "add"): cmd_member,
+    ("image", "set"): cmd_image_set, ("image", "deactivate"): cmd_image_status,
+    ("image", "reactivate"): cmd_image_status, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
     ("cache", "warm"): cmd_cache_warm,

@@ -9,7 +9,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from imagefs.access import AccessSettings
 from imagefs.errors import InvalidValue
+from imagefs.quotas import Quota
+from imagefs.records import validate_project
 
 DEFAULT_CONFIG = Path("/etc/imagefs/imagefs.toml")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -70,6 +73,9 @@ class Settings:
     log_file: Path | None = None
     projects: list[str] = dataclasses.field(default_factory=list)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
+    # None: no [access] table, so every caller sees everything (docs/access.md).
+    access: AccessSettings | None = None
+    quotas: dict[str, Quota] = dataclasses.field(default_factory=dict)
 
     def effective_cache_dir(self) -> Path:
         """The cache dir, defaulting to one per store so two catalogs never share one."""
@@ -86,6 +92,57 @@ _SIZE_KEYS = {"cache_size", "chunk_size", "block_size", "memory_cache", "prefetc
               "spool_size"}
 
 
+def _names(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidValue(f"{where}: expected a list of user names and @group names")
+    return value
+
+
+def _access(value: Any, where: str) -> AccessSettings:
+    if not isinstance(value, dict):
+        raise InvalidValue(f"{where}: [access] must be a table")
+    access = AccessSettings()
+    for key, item in value.items():
+        if key in ("admins", "readers"):
+            setattr(access, key, _names(item, f"{where} [access] {key}"))
+        elif key == "projects":
+            if not isinstance(item, dict):
+                raise InvalidValue(f"{where}: [access.projects] must be a table")
+            access.projects = {p: _names(v, f"{where} [access.projects] {p}")
+                               for p, v in item.items()}
+            for project in access.projects:
+                validate_project(project)
+        elif key == "anonymous":
+            if item not in ("public", "none"):
+                raise InvalidValue(f"{where}: [access] anonymous must be \"public\" or "
+                                   f"\"none\", not {item!r}")
+            access.anonymous = item
+        else:
+            raise InvalidValue(f"{where}: unknown setting {key!r} in [access]")
+    return access
+
+
+def _quotas(value: Any, where: str) -> dict[str, Quota]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise InvalidValue(f"{where}: [quotas] holds one table per project: [quotas.acme]")
+    quotas = {}
+    for project, limits in value.items():
+        if project != "*":
+            validate_project(project)
+        unknown = set(limits) - {"images", "stored", "staging"}
+        if unknown:
+            raise InvalidValue(f"{where}: unknown quota {sorted(unknown)[0]!r} for {project} "
+                               "(images, stored, staging)")
+        images = limits.get("images")
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int)
+                                   or images < 0):
+            raise InvalidValue(f"{where}: [quotas.{project}] images must be a count")
+        quotas[project] = Quota(
+            images, *(parse_size(limits[k]) if k in limits else None
+                      for k in ("stored", "staging")))
+    return quotas
+
+
 def _apply(target: Any, values: dict[str, Any], where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(target)}
     for key, value in values.items():
@@ -96,6 +153,12 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
             if not isinstance(value, dict):
                 raise InvalidValue(f"{where}: [s3] must be a table")
             _apply(target.s3, value, f"{where} [s3]")
+            continue
+        if key == "access":
+            target.access = _access(value, where)
+            continue
+        if key == "quotas":
+            target.quotas = _quotas(value, where)
             continue
         if key in _SIZE_KEYS or key == "part_size":
             value = parse_size(value)

@@ -8,43 +8,49 @@ import errno
 class ImagefsError(Exception):
     """Base of every error imagefs raises on purpose; the message is for an operator."""
 
-    errno = errno.EIO
-
 
 class InvalidValue(ImagefsError, ValueError):
     """A field, property or option value that Glance would refuse."""
 
-    errno = errno.EINVAL
-
 
 class ImageNotFound(ImagefsError):
-    errno = errno.ENOENT
+    """No such name or id, or one the caller may not see (Glance's 404 either way)."""
 
 
 class NotPermitted(ImagefsError):
     """A gesture the catalog refuses: deleting a protected image, renaming by-id/..."""
-
-    errno = errno.EPERM
 
 
 class ReadOnlyField(NotPermitted):
     """A field no one may set: computed (id, checksum, size...) or reserved by Glance."""
 
 
+class AccessDenied(ImagefsError):
+    """The access rules refuse the caller this (Glance's 403); the message names the rule."""
+
+
 class NoSuchAttribute(ImagefsError):
-    errno = errno.ENODATA
+    """An xattr that is not set (a null Glance field, an absent property)."""
+
+
+class UnsupportedAttribute(ImagefsError):
+    """An xattr outside the namespaces imagefs serves (user.glance., user.imagefs.)."""
+
+
+class ReadOnly(ImagefsError):
+    """Image data never changes, and files are only created in the inbox."""
+
+
+class BadHandle(ImagefsError):
+    """A file handle used for what it was not opened for (write on a read-only open)."""
 
 
 class NameTaken(ImagefsError):
     """A rename would replace another image; imagefs never does that."""
 
-    errno = errno.EEXIST
-
 
 class StoreError(ImagefsError):
     """The store answered, but not with what we need (missing object, bad manifest)."""
-
-    errno = errno.EIO
 
 
 class StoreUnavailable(StoreError):
@@ -54,13 +60,9 @@ class StoreUnavailable(StoreError):
 class StoreAccessDenied(StoreError):
     """Credentials are missing or wrong, or the bucket refuses us."""
 
-    errno = errno.EACCES
-
 
 class StoreNotFound(StoreError):
     """The store location (bucket, directory) does not exist."""
-
-    errno = errno.ENOENT
 
 
 class ObjectNotFound(StoreError):
@@ -69,8 +71,6 @@ class ObjectNotFound(StoreError):
 
 class ObjectChanged(StoreError):
     """A conditional write lost a race: someone else changed the object first."""
-
-    errno = errno.EAGAIN
 
 
 class StoreUntrusted(StoreError):
@@ -84,21 +84,44 @@ class ManifestDamaged(StoreError):
 class ChunkCorrupted(ImagefsError):
     """Data did not match the hash recorded at upload; never returned to a reader."""
 
-    errno = errno.EIO
-
 
 class UnsafeImage(InvalidValue):
     """The format inspector refused the data (backing file, data file, bad format...)."""
 
 
-class QuotaExceeded(ImagefsError):
-    """The inbox's staging area is full."""
+class StagingFull(ImagefsError):
+    """The inbox's staging area (spool_size) is full."""
 
-    errno = errno.ENOSPC
+
+class QuotaExceeded(ImagefsError):
+    """A project's quota (images, stored bytes, staging bytes) would be exceeded."""
+
+
+# The one table: what a FUSE caller sees for each domain error (and its subclasses).
+ERRNO: dict[type[ImagefsError], int] = {
+    ImagefsError: errno.EIO,
+    InvalidValue: errno.EINVAL,
+    ImageNotFound: errno.ENOENT,
+    NotPermitted: errno.EPERM,
+    AccessDenied: errno.EACCES,
+    NoSuchAttribute: errno.ENODATA,
+    UnsupportedAttribute: errno.ENOTSUP,
+    ReadOnly: errno.EROFS,
+    BadHandle: errno.EBADF,
+    NameTaken: errno.EEXIST,
+    StoreError: errno.EIO,
+    StoreAccessDenied: errno.EACCES,
+    StoreNotFound: errno.ENOENT,
+    ObjectChanged: errno.EAGAIN,
+    ChunkCorrupted: errno.EIO,
+    StagingFull: errno.ENOSPC,
+    QuotaExceeded: errno.EDQUOT,
+}
 
 
 def errno_for(exc: BaseException) -> int:
     """The errno a FUSE caller sees for `exc`; unknown failures are EIO."""
-    if isinstance(exc, ImagefsError):
-        return exc.errno
+    for cls in type(exc).__mro__:
+        if cls in ERRNO:
+            return ERRNO[cls]  # type: ignore[index]
     return errno.EIO

@@ -16,7 +16,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from imagefs.access import OpenPolicy
+from imagefs.access import GlancePolicy, OpenPolicy, Policy
 from imagefs.admin import CatalogAdmin
 from imagefs.background import keep_running, periodic
 from imagefs.blocking import BlockingCalls
@@ -28,11 +28,15 @@ from imagefs.config import Settings
 from imagefs.dirlock import DirLock
 from imagefs.errors import (ImagefsError, InvalidValue, StoreNotFound, StoreUnavailable,
                             StoreUntrusted)
+from imagefs.core import Filesystem
 from imagefs.fs import Operations
 from imagefs.gestures import Gestures
 from imagefs.inbox import Inbox
+from imagefs.kernel_cache import KernelCache
+from imagefs.metadata import Metadata
 from imagefs.mountinfo import is_mounted, mount_at
 from imagefs.namespace import Namespace
+from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.reader import ImageReader
 from imagefs.spool import Spool
 from imagefs.stores import open_store
@@ -173,6 +177,7 @@ class Daemon:
         self.settings = settings
         self.mountpoint = mountpoint
         self._locks: list[DirLock] = []
+        self._usage: dict[tuple[int, str], Usage] = {}
 
     def _lock(self, directory: Path, purpose: str) -> None:
         lock = DirLock(directory, purpose)
@@ -184,7 +189,9 @@ class Daemon:
         settings = self.settings
         cache_dir = settings.effective_cache_dir()
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            # The daemon's alone: it holds other tenants' data, staged uploads, the catalog
+            # (an existing dir keeps its mode; what is in it is made 0700 below).
+            cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidValue(f"cache dir {cache_dir}: {exc.strerror}") from None
         self._lock(cache_dir, "cache dir")
@@ -213,9 +220,7 @@ class Daemon:
             log.warning("store cannot be used (%s); serving the cached catalog of %d images "
                         "from %s until it comes back (uploads wait in the inbox, changes "
                         "to images answer EIO)", exc, count, cache_dir)
-        if settings.allow_other:
-            log.warning("--allow-other: every local user can read every image through this "
-                        "mount (per-caller access control is not enforced yet)")
+        self.policy = self._policy()
         self.reader = ImageReader(self.catalog_store, self.index, self.cache,
                                   settings.chunk_size, settings.memory_cache,
                                   settings.prefetch_max, settings.s3.max_connections,
@@ -224,14 +229,44 @@ class Daemon:
         self.catalog_calls = BlockingCalls(1)
         self.inbox = Inbox(spool, self.catalog_store, settings.block_size,
                            settings.settle_time, on_publish=self.catalog.apply,
-                           known_projects=lambda: self.namespace.known_projects())
-        self.namespace = Namespace(lambda: self.catalog.snapshot, OpenPolicy(),
-                                   settings.projects, self.inbox)
-        self.gestures = Gestures(self.namespace, self.admin, self.catalog, self.inbox,
-                                 settings.delete_grace, settings.gesture_timeout)
-        self.ops = Operations(self.namespace, self.reader, self.inbox, self.gestures,
-                              lambda: self.catalog.snapshot.images,
-                              settings.entry_timeout, self.stats)
+                           known_projects=lambda: self.namespace.known_projects(),
+                           quotas=Quotas(settings.quotas), stored=self._stored)
+        configured = [*settings.projects, *(settings.access.projects if settings.access else ())]
+        self.namespace = Namespace(lambda: self.catalog.snapshot, self.policy, configured,
+                                   self.inbox)
+        self.gestures = Gestures(self.namespace, self.policy, self.admin, self.catalog,
+                                 self.inbox, settings.delete_grace, settings.gesture_timeout)
+        core = Filesystem(self.namespace, self.policy, self.reader, self.inbox, self.gestures,
+                          Metadata(self.policy, self.inbox, self.gestures, self.stats),
+                          lambda: self.catalog.snapshot.images, (os.getuid(), os.getgid()))
+        self.ops = Operations(core, settings.entry_timeout)
+
+    def _policy(self) -> Policy:
+        """Glance's rules with an [access] table; without one, what imagefs always did."""
+        settings = self.settings
+        if settings.access is not None:
+            log.info("access control on: %d projects, %d admin and %d reader entries mapped",
+                     len(settings.access.projects), len(settings.access.admins),
+                     len(settings.access.readers))
+            return GlancePolicy(settings.access)
+        log.info("no [access] table in the config: every caller sees every image; only root "
+                 "and uid %d change anything (docs/access.md)", os.getuid())
+        if settings.allow_other:
+            log.warning("--allow-other without an [access] table: every local user can read "
+                        "every image through this mount")
+        return OpenPolicy(os.getuid())
+
+    def _stored(self, project: str) -> Usage:
+        """What the project's images count against its quota (cached per catalog version)."""
+        snapshot = self.catalog.snapshot
+        key = (snapshot.generation, project)
+        cached = self._usage.get(key)
+        if cached is None:
+            cached = stored_usage((m.record for m in snapshot.images.values()), project)
+            self._usage = {k: v for k, v in self._usage.items()
+                           if k[0] == snapshot.generation}
+            self._usage[key] = cached
+        return cached
 
     def stats(self) -> dict[str, Any]:
         calls = (self.reader.store_calls, self.gestures.store_calls, self.catalog_calls)
@@ -245,6 +280,10 @@ class Daemon:
 
     def run(self, ready_fd: int | None) -> int:
         options = set(pyfuse3.default_options)
+        if self.policy.caller_dependent():
+            # The rules decide, not mode bits: what a caller may not see must answer
+            # ENOENT, and what it may change depends on its projects, not on an owner.
+            options.discard("default_permissions")
         options |= {"fsname=imagefs", "subtype=imagefs", "noatime"}
         if self.settings.allow_other:
             options.add("allow_other")
@@ -280,6 +319,8 @@ class Daemon:
             nursery.start_soon(periodic, "store sweep", _SWEEP_INTERVAL, self._sweep)
             nursery.start_soon(periodic, "cache bookkeeping", _FLUSH_INTERVAL, self._flush)
             nursery.start_soon(keep_running, "inbox committer", self.inbox.run)
+            nursery.start_soon(keep_running, "kernel cache invalidation",
+                               KernelCache(lambda: self.catalog.snapshot).run)
             nursery.start_soon(self._signal_loop)
             await pyfuse3.main()
             with trio.move_on_after(_DRAIN_TIMEOUT):

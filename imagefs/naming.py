@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 from imagefs.records import ImageRecord
@@ -12,9 +13,15 @@ log = logging.getLogger(__name__)
 MAX_NAME_BYTES = 255
 
 
+# Control characters (C0, DEL, C1: Unicode's "Cc") and the bidirectional controls, which
+# make a listing show a name other than it is ("photo\u202egpj.exe" shows as
+# "photoexe.jpg"), and "/".
+_UNSAFE = re.compile("[/\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def clean_component(text: str) -> str:
     """Make `text` a safe single path component: no '/', NUL or control characters."""
-    cleaned = "".join("_" if c == "/" or ord(c) < 32 or ord(c) == 127 else c for c in text)
+    cleaned = _UNSAFE.sub("_", text)
     if cleaned in (".", ".."):
         cleaned = "_" + cleaned
     return cleaned

@@ -27,6 +27,7 @@ MAX_TAG = 255
 MAX_PROPERTY_KEY = 255
 MAX_PROPERTY_VALUE = 65535
 MAX_INT32 = 2**31 - 1
+MAX_MEMBERS = 128  # Glance's image_member_quota
 
 CORE_FIELDS = (
     "id", "name", "status", "visibility", "owner", "disk_format", "container_format",
@@ -254,6 +255,15 @@ def json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def parse_json(text: str, expected: str) -> Any:
+    """JSON from an xattr value; anything else (nesting deep enough to overflow the
+    parser's stack included) is InvalidValue saying what was `expected`."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidValue(expected) from None
+
+
 def parse_field(key: str, text: str) -> Any:
     """Turn the text an admin wrote for `key` into the typed value; validates it."""
     if key in ("min_disk", "min_ram"):
@@ -261,11 +271,7 @@ def parse_field(key: str, text: str) -> Any:
     if key in ("protected", "os_hidden"):
         return validate_bool(key, text)
     if key == "tags":
-        try:
-            tags = json.loads(text)
-        except ValueError:
-            raise InvalidValue('tags must be a JSON array, e.g. ["ubuntu","lts"]') from None
-        return validate_tags(tags)
+        return validate_tags(parse_json(text, 'tags must be a JSON array, e.g. ["ubuntu","lts"]'))
     if key == "name":
         return validate_name(text)
     if key == "visibility":

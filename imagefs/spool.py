@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from imagefs.errors import QuotaExceeded
+from imagefs.errors import InvalidValue, StagingFull
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ class Spool:
     def __init__(self, root: Path, limit: int) -> None:
         self.root = root
         self.limit = limit
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if root.stat().st_mode & stat.S_IWOTH and any(root.iterdir()):
+            raise InvalidValue(f"spool dir {root} is shared: writable by everyone and not "
+                               "empty (like /tmp); give imagefs a directory of its own")
+        root.chmod(0o700)  # staged uploads of every project: the daemon's alone
         self._lock = threading.Lock()
         self.used = 0  # bytes reserved by entries (their sizes); scan() does not count
         # Known once at start and kept up to date, so listings never scan the disk.
@@ -70,14 +75,14 @@ class Spool:
 
     def add_project(self, project: str) -> None:
         """Blocking (mkdir)."""
-        self.project_dir(project).mkdir(exist_ok=True)
+        self.project_dir(project).mkdir(mode=0o700, exist_ok=True)
         with self._lock:
             self._projects.add(project)
 
     def save(self, record: SpoolRecord) -> None:
         """Write the metadata file atomically (temp + rename)."""
         path = self._meta_path(record)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
         tmp.write_bytes(msgpack.packb(dataclasses.asdict(record)))
         os.replace(tmp, path)
@@ -97,10 +102,10 @@ class Spool:
                 pass
 
     def reserve(self, delta: int) -> None:
-        """Account `delta` more staged bytes, or raise QuotaExceeded (ENOSPC)."""
+        """Account `delta` more staged bytes, or raise StagingFull (ENOSPC)."""
         with self._lock:
             if delta > 0 and self.used + delta > self.limit:
-                raise QuotaExceeded(f"inbox staging area is full ({self.used} of {self.limit} "
+                raise StagingFull(f"inbox staging area is full ({self.used} of {self.limit} "
                                     "bytes); wait for uploads to finish or raise spool_size")
             self.used += delta
 

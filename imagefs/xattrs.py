@@ -5,3 +5,4 @@ STATUS = "user.imagefs.status"        # an inbox file: writing, settling, inspec
 IMAGE_ID = "user.imagefs.id"          # an inbox file: the id its image will have
 PUBLISHED = "user.imagefs.published"  # an inbox folder: recent file name -> image id
 STATS = "user.imagefs.stats"          # the mount root: the daemon's counters
+MEMBERS = "user.imagefs.members"      # an image: {project: status}; set a JSON list

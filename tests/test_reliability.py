@@ -361,3 +361,17 @@ def test_undecodable_names_and_values_are_einval_and_harmless(file_store, mount,
     assert "Traceback" not in m.log()
     assert json.loads(file_store.cli("image", "show", image_id, "--json").stdout)["id"] == \
         image_id
+
+
+def test_a_spool_dir_others_use_is_refused_and_left_alone(file_store, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    (shared / "someone-elses-file").write_text("not imagefs's")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    refused = run_cli("mount", "--store", file_store.url, "--cache-dir", str(tmp_path / "c"),
+                      *config(tmp_path, spool_dir=str(shared)), str(mnt), check=False)
+    assert refused.returncode == 1 and "is shared" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert shared.stat().st_mode & 0o7777 == 0o1777 and not is_mounted(mnt)

@@ -166,3 +166,34 @@ def test_example_config_loads():
     example = Path(__file__).parent.parent / "mountscripts/imagefs.toml.example"
     settings = load_settings(str(example))
     assert settings.cache_size == 20 << 30 and settings.s3.part_size == 16 << 20
+    assert settings.access is not None and settings.access.projects["acme"] == ["alice", "@acme"]
+    assert settings.quotas["acme"].images == 100 and settings.quotas["*"].staging == 20 << 30
+
+
+class TestErrnoTable:
+    def test_every_domain_error_has_its_errno(self):
+        import errno
+
+        from imagefs import errors
+        assert errors.errno_for(errors.UnsafeImage("x")) == errno.EINVAL  # via InvalidValue
+        assert errors.errno_for(errors.ReadOnlyField("x")) == errno.EPERM
+        assert errors.errno_for(errors.StoreNotFound("x")) == errno.ENOENT
+        assert errors.errno_for(errors.QuotaExceeded("x")) == errno.EDQUOT
+        assert errors.errno_for(errors.StagingFull("x")) == errno.ENOSPC
+        assert errors.errno_for(RuntimeError("a bug")) == errno.EIO
+
+
+class TestQuotas:
+    def test_refuses_only_what_goes_over(self):
+        from imagefs.errors import QuotaExceeded
+        from imagefs.quotas import Quota, Quotas, Usage
+        quotas = Quotas({"acme": Quota(images=2, stored=100), "*": Quota(staging=10)})
+        quotas.check("acme", Usage(1, 50), Usage(1, 50))  # exactly at the limit
+        with pytest.raises(QuotaExceeded, match="over its stored quota"):
+            quotas.check("acme", Usage(1, 50), Usage(0, 51))
+        with pytest.raises(QuotaExceeded, match="over its images quota"):
+            quotas.check("acme", Usage(2, 0), Usage(1, 0))
+        quotas.check("acme", Usage(5, 500), Usage(0, 0))  # over already: nothing added
+        with pytest.raises(QuotaExceeded, match=r"\[quotas.beta\] staging"):
+            quotas.check("beta", Usage(), Usage(0, 0, 11))
+        assert not Quotas({}).limits("acme")

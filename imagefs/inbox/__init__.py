@@ -19,6 +19,7 @@ from imagefs.catalog_store import CatalogStore
 from imagefs.inbox.committer import Committer
 from imagefs.inbox.entries import ERROR_SUFFIX, InboxEntry, Registry, never_committed
 from imagefs.inbox.files import InboxFiles
+from imagefs.quotas import Quotas, Usage
 from imagefs.records import validate_project
 from imagefs.spool import Spool, SpoolRecord
 
@@ -31,13 +32,15 @@ class Inbox:
 
     def __init__(self, spool: Spool, catalog_store: CatalogStore, block_size: int,
                  settle_time: float, on_publish: Callable[[mf.Manifest], None],
-                 known_projects: Callable[[], set[str]]) -> None:
+                 known_projects: Callable[[], set[str]], quotas: Quotas,
+                 stored: Callable[[str], Usage]) -> None:
+        """`stored(project)`: what the project's images in the catalog count (quotas)."""
         self.spool = spool
         self.registry = Registry()
         self.files = InboxFiles(spool, self.registry, catalog_store.store, block_size,
-                                self.projects)
+                                self.projects, quotas, stored)
         self.committer = Committer(self.registry, self.files, spool, catalog_store,
-                                   block_size, settle_time, on_publish)
+                                   block_size, settle_time, on_publish, quotas, stored)
         self._known_projects = known_projects
         for record in sorted(spool.scan(), key=lambda r: r.mtime_ns):
             self._resume(record)
@@ -80,6 +83,9 @@ class Inbox:
 
     def listing(self, project: str) -> dict[str, InboxEntry]:
         return self.registry.listing(project)
+
+    def by_inode(self, inode: int) -> InboxEntry | None:
+        return self.registry.by_inode(inode)
 
     def add_project(self, project: str) -> None:
         """Blocking (mkdir): run in a worker thread."""

@@ -22,11 +22,13 @@ import trio
 
 from imagefs import manifest as mf
 from imagefs.catalog_store import CatalogStore
-from imagefs.errors import ImageNotFound, InvalidValue, NotPermitted, ObjectChanged, StoreError
+from imagefs.errors import (ImageNotFound, InvalidValue, NotPermitted, ObjectChanged,
+                            QuotaExceeded, StoreError)
 from imagefs.inbox.entries import ERROR_SUFFIX, InboxEntry, Registry, never_committed
 from imagefs.inbox.files import UPLOAD_FIELDS, InboxFiles
 from imagefs.inbox.streaming import StreamingStage
 from imagefs.pipeline import StagedData, publish, stage_data
+from imagefs.quotas import Quotas, Usage
 from imagefs.records import ImageRecord
 from imagefs.retry import Backoff
 from imagefs.spool import Spool, SpoolRecord
@@ -42,7 +44,10 @@ _UPLOADS = 2
 class Committer:
     def __init__(self, registry: Registry, files: InboxFiles, spool: Spool,
                  catalog_store: CatalogStore, block_size: int, settle_time: float,
-                 on_publish: Callable[[mf.Manifest], None]) -> None:
+                 on_publish: Callable[[mf.Manifest], None], quotas: Quotas,
+                 stored: Callable[[str], Usage]) -> None:
+        self.quotas = quotas
+        self._stored = stored
         self.registry = registry
         self.files = files
         self.spool = spool
@@ -106,7 +111,7 @@ class Committer:
                 # Abandoned on shutdown: the spool stays, and the next start resumes it.
                 manifest = await trio.to_thread.run_sync(
                     self._upload, record, entry.size, stream, entry, abandon_on_cancel=True)
-        except (InvalidValue, NotPermitted, ObjectChanged) as exc:
+        except (InvalidValue, NotPermitted, ObjectChanged, QuotaExceeded) as exc:
             log.warning("%s rejected: %s", name, exc)
             await self._fail(entry, str(exc))
             return
@@ -146,6 +151,17 @@ class Committer:
             return self.catalog_store.load(record.entry_id)
         except ImageNotFound:
             pass
+        try:
+            return self._stage_and_publish(record, size, stream, entry)
+        except BaseException:
+            if stream is not None:  # stop it, and remove what it put in the store
+                stream.cancel()
+            raise
+
+    def _stage_and_publish(self, record: SpoolRecord, size: int,
+                           stream: StreamingStage | None, entry: InboxEntry) -> mf.Manifest:
+        # Another host may have added images since the writes were let in.
+        self.quotas.check(record.project, self._stored(record.project), Usage(1, size, 0))
         staged: StagedData | None = stream.result(size) if stream is not None else None
         if staged is None:
             trio.from_thread.run_sync(setattr, entry, "state", "uploading")

@@ -20,11 +20,12 @@ from typing import Any
 
 import trio
 
-from imagefs.errors import ImageNotFound, InvalidValue, NoSuchAttribute, NotPermitted, \
-    QuotaExceeded
+from imagefs.errors import (ImageNotFound, InvalidValue, NoSuchAttribute, NotPermitted,
+                            QuotaExceeded, StagingFull)
 from imagefs.inbox.entries import ERROR_SUFFIX, InboxEntry, Registry
 from imagefs.inbox.streaming import StreamingStage
-from imagefs.naming import clean_component
+from imagefs.naming import MAX_NAME_BYTES, clean_component
+from imagefs.quotas import Quotas, Usage
 from imagefs.records import MUTABLE_FIELDS, ImageRecord, parse_field
 from imagefs.spool import Spool, SpoolRecord
 from imagefs.stores import Store
@@ -45,13 +46,19 @@ def check_name(name: str) -> None:
         raise InvalidValue(f"{name!r} is not valid UTF-8; image names are text") from None
     if clean_component(name) != name or name.endswith(ERROR_SUFFIX):
         raise InvalidValue(f"{name!r} cannot be an inbox file name")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidValue(f"inbox file names are at most {MAX_NAME_BYTES} bytes")
 
 
 class InboxFiles:
     def __init__(self, spool: Spool, registry: Registry, store: Store, block_size: int,
-                 projects: Callable[[], set[str]]) -> None:
+                 projects: Callable[[], set[str]], quotas: Quotas,
+                 stored: Callable[[str], Usage]) -> None:
+        """`stored(project)`: what the project's images in the catalog use."""
         self.spool = spool
         self._projects = projects
+        self.quotas = quotas
+        self._stored = stored
         self.registry = registry
         self.store = store
         self.block_size = block_size
@@ -153,12 +160,25 @@ class InboxFiles:
 
     # -- data ---------------------------------------------------------------------------
 
+    def _check_quota(self, entry: InboxEntry, growth: int) -> None:
+        """Staged files count as the images they are about to become."""
+        project = entry.record.project
+        if growth <= 0 or not self.quotas.limits(project):
+            return
+        staged = [e for e in self.registry.listing(project).values() if not e.is_error]
+        pending = Usage(sum(1 for e in staged if e.size), sum(e.size for e in staged),
+                        sum(e.size for e in staged))
+        self.quotas.check(project, self._stored(project) + pending,
+                          Usage(0 if entry.size else 1, growth, growth))
+
     def _reserve_to(self, entry: InboxEntry, size: int) -> None:
         """Hold staging space for `size` bytes of the entry, or raise (nothing held).
 
-        Unlinked files still open hold theirs too: their data stays on disk until the
-        last handle closes.
+        Growing the file must fit the project's quotas. Unlinked files still open hold
+        their space too: their data stays on disk until the last handle closes.
         """
+        if size > entry.size:
+            self._check_quota(entry, size - entry.size)
         if size > entry.reserved:
             self.spool.reserve(size - entry.reserved)
         else:
@@ -169,7 +189,7 @@ class InboxFiles:
         size = max(offset + len(data), entry.size)
         try:
             self._reserve_to(entry, size)
-        except QuotaExceeded as exc:
+        except (StagingFull, QuotaExceeded) as exc:
             await self._note_write_error(entry, str(exc))
             raise
         if entry.stream is None and offset == 0 and entry.size == 0 \
@@ -212,8 +232,8 @@ class InboxFiles:
         except BaseException:
             self._reserve_to(entry, held)
             raise
-        self._reserve_to(entry, size)
         entry.size = size
+        self._reserve_to(entry, size)  # shrinking: the space goes back
         if entry.stream is not None:
             entry.stream.source.resized(size)
         entry.touch()
@@ -228,13 +248,18 @@ class InboxFiles:
     async def set_attributes(self, entry: InboxEntry, mode: int | None,
                              mtime_ns: int | None) -> None:
         """chmod and utimes: kept in the spool, shown in the listing (images are 0644)."""
-        changes = {k: v for k, v in (("mode", mode), ("mtime_ns", mtime_ns)) if v is not None}
+        changes: dict[str, Any] = {k: v for k, v in (("mode", mode), ("mtime_ns", mtime_ns))
+                                   if v is not None}
         if changes:
             await self._save(entry, **changes)
             entry.settle_again()
 
-    async def set_metadata(self, entry: InboxEntry, key: str, text: str | None) -> None:
-        """Set (or with None remove) a Glance field the image will be created with."""
+    async def set_metadata(self, entry: InboxEntry, key: str, text: str | None,
+                           allowed: Callable[[object], None] = lambda value: None) -> None:
+        """Set (or with None remove) a Glance field the image will be created with.
+
+        `allowed(value)` raises if the caller may not publish with that value.
+        """
         self.check_writable(entry)
         metadata = dict(entry.record.metadata)
         if text is None:
@@ -244,6 +269,7 @@ class InboxFiles:
             value = parse_field(key, text)
             if key in ImageRecord.__dataclass_fields__ and key not in UPLOAD_FIELDS:
                 raise NotPermitted(f"{key} is computed at upload and cannot be set")
+            allowed(value)
             metadata[key] = value
         await self._save(entry, metadata=metadata)
         entry.touch()
