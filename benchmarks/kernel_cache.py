@@ -49,14 +49,12 @@ PROBE = """
 import os, sys, time, json, subprocess
 groups = json.loads(sys.stdin.read())
 folder = sys.argv[1]
-out = {}
-t = time.perf_counter(); subprocess.run(["ls", "-l", folder], stdout=subprocess.DEVNULL, check=True)
-out["ls_cold"] = time.perf_counter() - t
-warm = []
-for _ in range(5):
-    t = time.perf_counter(); subprocess.run(["ls", "-l", folder], stdout=subprocess.DEVNULL, check=True)
-    warm.append(time.perf_counter() - t)
-out["ls_warm"] = sorted(warm)[2]
+def ls():
+    t = time.perf_counter()
+    subprocess.run(["ls", "-l", folder], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+out = {"ls_cold": ls()}
+out["ls_warm"] = sorted(ls() for _ in range(5))[2]
 for group, paths in groups.items():
     for label in ("1st", "2nd"):
         t = time.perf_counter()
