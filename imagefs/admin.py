@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 _ATTEMPTS = 8
 _CONFLICT_BACKOFF = Backoff(first=0.02, most=0.5)
 _STRIPES = 64
+PURGEABLE = ("pending_delete", "deleted")  # deleted: a purge decided but not finished
+_FINISH_AFTER = 300.0  # s after which a purge decided elsewhere is finished here
 
 
 class CatalogAdmin:
@@ -89,16 +91,34 @@ class CatalogAdmin:
     def purge(self, image_id: str, deleted_before: int | None = None) -> bool:
         """Remove a deleted image's manifest and data; True if the image is gone now.
 
-        The manifest is read fresh: an image restored meanwhile, or deleted again later
-        than `deleted_before`, is left alone; one purged by another host is gone.
+        Two steps, so that with several hosts scrubbing exactly one decides and a
+        restore anywhere wins: the image is first marked `deleted` by a conditional
+        write of the version read (an image restored meanwhile, or deleted again later
+        than `deleted_before`, is left alone), then removed. Removing is idempotent, so
+        a host that finds the mark (its maker may have died) finishes the purge.
         """
         with self._lock(image_id):
-            try:
-                record = self.catalog_store.load(image_id).record
-            except ImageNotFound:
-                return True
-            if record.status != "pending_delete" or (
-                    deleted_before is not None and (record.deleted_at or 0) > deleted_before):
+            lost_race = False
+            for _attempt in range(_ATTEMPTS):
+                try:
+                    manifest, etag = self.catalog_store.load_versioned(image_id)
+                except ImageNotFound:
+                    return True
+                record = manifest.record
+                if record.status == "deleted":
+                    if lost_race or now_us() - record.updated_at < _FINISH_AFTER * 1_000_000:
+                        return lost_race  # another host decided just now and is purging it
+                    break  # decided long ago: its maker died before finishing
+                if record.status != "pending_delete" or (
+                        deleted_before is not None and (record.deleted_at or 0) > deleted_before):
+                    return False
+                record.status = "deleted"
+                try:
+                    self.catalog_store.save(manifest, etag)
+                    break
+                except ObjectChanged:
+                    lost_race = True  # look again: restored, or decided elsewhere
+            else:
                 return False
             self.catalog_store.delete(image_id)
         log.info("image %s purged", image_id)
@@ -110,7 +130,7 @@ class CatalogAdmin:
         gone = []
         for manifest in manifests if manifests is not None else self.catalog_store.load_all():
             record = manifest.record
-            if record.status == "pending_delete" and (record.deleted_at or 0) <= due \
+            if record.status in PURGEABLE and (record.deleted_at or 0) <= due \
                     and self.purge(record.id, deleted_before=due):
                 gone.append(record.id)
         return gone

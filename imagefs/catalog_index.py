@@ -31,10 +31,26 @@ class CatalogIndex:
                             bytes(owner).decode(errors="replace"), store_url)
                 txn.drop(self._manifests, delete=False)
                 txn.delete(b"store_id")
+                txn.delete(b"log_position")
             txn.put(b"store", store_url.encode())
             raw_id = txn.get(b"store_id")
+            raw_position = txn.get(b"log_position")
         # The id of the store's catalog as last seen (see store_identity.py).
         self.store_id: str | None = bytes(raw_id).decode() if raw_id else None
+        # The change log entry the cached catalog is up to date with (change_log.py).
+        self.log_position: int | None = int(bytes(raw_position)) if raw_position else None
+
+    def mark_running(self) -> bool:
+        """Note that a daemon uses this cache now; True if the last one never said it
+        stopped (it was killed, maybe between a manifest write and its log entry)."""
+        with self.env.begin(write=True, db=self._meta) as txn:
+            crashed = txn.get(b"running") is not None
+            txn.put(b"running", b"1")
+        return crashed
+
+    def mark_stopped(self) -> None:
+        with self.env.begin(write=True, db=self._meta) as txn:
+            txn.delete(b"running")
 
     def load(self) -> dict[str, tuple[str, mf.Manifest]]:
         """Image id -> (etag, manifest); damaged rows are dropped with a warning."""
@@ -50,14 +66,17 @@ class CatalogIndex:
                     log.warning("dropping a damaged catalog row from the cache (%s); the "
                                 "next refresh fetches it again", exc)
                     damaged.append(bytes(key))
-        if damaged:
-            with self.env.begin(write=True, db=self._manifests) as txn:
+        if damaged:  # the log position no longer vouches for the rows: list everything
+            with self.env.begin(write=True) as txn:
                 for key in damaged:
-                    txn.delete(key)
+                    txn.delete(key, db=self._manifests)
+                txn.delete(b"log_position", db=self._meta)
+            self.log_position = None
         return entries
 
     def update(self, changed: dict[str, tuple[str, mf.Manifest]], removed: Iterable[str],
-               store_id: str | None = None) -> None:
+               store_id: str | None = None, log_position: int | None = None) -> None:
+        """One transaction, so the log position never runs ahead of the rows."""
         with self.env.begin(write=True) as txn:
             for image_id, (etag, manifest) in changed.items():
                 txn.put(image_id.encode(), msgpack.packb([etag, manifest.encode()]),
@@ -66,8 +85,12 @@ class CatalogIndex:
                 txn.delete(image_id.encode(), db=self._manifests)
             if store_id is not None and store_id != self.store_id:
                 txn.put(b"store_id", store_id.encode(), db=self._meta)
+            if log_position is not None:
+                txn.put(b"log_position", str(log_position).encode(), db=self._meta)
         if store_id is not None:
             self.store_id = store_id
+        if log_position is not None:
+            self.log_position = log_position
 
     def block_table(self, manifest: mf.Manifest) -> bytes | None:
         """The cached block table if it is the one the manifest names, else None."""

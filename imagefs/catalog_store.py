@@ -2,32 +2,34 @@
 
 Blocking, and shared by the CLI and the daemon. Saves of existing manifests are
 conditional on the version that was read, so two writers (two FUSE requests, a CLI and
-a mount, two hosts) never silently overwrite each other's change.
+a mount, two hosts) never silently overwrite each other's change. Every write is then
+recorded in the change log (change_log.py), which is how other hosts learn of it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterable
 
 from imagefs import manifest as mf
-from imagefs.errors import ImageNotFound, ManifestDamaged, ObjectChanged, ObjectNotFound
+from imagefs.change_log import ChangeLog
+from imagefs.errors import (ImageNotFound, ManifestDamaged, ObjectChanged, ObjectNotFound,
+                            StoreError)
+from imagefs.parallel import parallel
 from imagefs.records import now_us
 from imagefs.store_identity import StoreIdentity
 from imagefs.stores import Store
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
-_PARALLEL = 8
+Versioned = tuple[str, mf.Manifest]  # (etag, manifest)
 
 
 class CatalogStore:
     def __init__(self, store: Store, expected_id: str | None = None) -> None:
         self.store = store
         self.identity = StoreIdentity(store, expected_id)
+        self.log = ChangeLog(store, self.identity)
 
     def manifest_etags(self) -> dict[str, str]:
         etags = {}
@@ -63,7 +65,24 @@ class CatalogStore:
                 log.error("%s; the image is left out of the catalog", exc)
                 return None
 
-        return self._parallel(fetch, image_ids)
+        return parallel(fetch, image_ids)
+
+    def load_versions(self, image_ids: Iterable[str]) -> tuple[dict[str, Versioned], list[str]]:
+        """Fetch manifests with their etags, in parallel: (found, ids the store says are
+        gone). A damaged manifest is logged and left out of both."""
+        gone: list[str] = []
+
+        def fetch(image_id: str) -> Versioned | None:
+            try:
+                manifest, etag = self.load_versioned(image_id)
+                return etag, manifest
+            except ImageNotFound:
+                gone.append(image_id)
+            except ManifestDamaged as exc:
+                log.error("%s; the image is left out of the catalog", exc)
+            return None
+
+        return parallel(fetch, image_ids), gone
 
     def confirm_gone(self, image_ids: Iterable[str]) -> list[str]:
         """Of images a listing did not show, those whose manifest the store says is gone.
@@ -71,24 +90,19 @@ class CatalogStore:
         A listing can miss keys (a damaged answer, a store that is not what it seems);
         only the store's positive "no such object" removes an image.
         """
-        present = self._parallel(lambda i: self.store.exists(mf.manifest_key(i)), image_ids)
+        present = parallel(lambda i: self.store.exists(mf.manifest_key(i)), image_ids)
         return [i for i, there in present.items() if not there]
 
-    @staticmethod
-    def _parallel(fn: Callable[[str], R | None], items: Iterable[str]) -> dict[str, R]:
-        """fn over ids on a few threads; ids for which fn gives None are left out."""
-        ids = list(items)
-        if not ids:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(_PARALLEL, len(ids))) as pool:
-            results = pool.map(fn, ids)
-            return {i: r for i, r in zip(ids, results, strict=True) if r is not None}
+    def save(self, manifest: mf.Manifest, etag: str) -> str:
+        """Rewrite a manifest read at version `etag`; ObjectChanged if it moved since.
 
-    def save(self, manifest: mf.Manifest, etag: str) -> None:
-        """Rewrite a manifest read at version `etag`; ObjectChanged if it moved since."""
+        Returns the new etag."""
         manifest.record.validate()
         manifest.record.updated_at = now_us()
-        self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(), if_match=etag)
+        new_etag = self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(),
+                                  if_match=etag)
+        self._record(manifest.record.id, new_etag)
+        return new_etag
 
     def create(self, manifest: mf.Manifest) -> None:
         """Write the manifest of a new image: the commit point of an upload.
@@ -98,19 +112,34 @@ class CatalogStore:
         """
         self.identity.ensure_for_write()
         try:
-            self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(),
-                           if_absent=True)
+            etag = self.store.put(mf.manifest_key(manifest.record.id), manifest.encode(),
+                                  if_absent=True)
         except ObjectChanged:
-            there = self.load(manifest.record.id)
+            there, etag = self.load_versioned(manifest.record.id)
             if (there.blocks_sha256, there.record.os_hash_value) != \
                     (manifest.blocks_sha256, manifest.record.os_hash_value):
                 raise
+        self._record(manifest.record.id, etag)
 
     def delete(self, image_id: str) -> None:
         """Remove the manifest first (the image vanishes at once), then its data."""
         self.store.delete(mf.manifest_key(image_id))
+        self._record(image_id, "")
         for key in (mf.blocks_key(image_id), mf.data_key(image_id)):
             self.store.delete(key)
+
+    def _record(self, image_id: str, etag: str) -> None:
+        """Log a manifest change for other hosts; the change itself is done already.
+
+        A failure here must not fail the change (retrying it would conflict with
+        itself): other hosts then see it at their next full listing.
+        """
+        try:
+            self.log.append(image_id, etag)
+        except StoreError as exc:
+            log.warning("image %s changed, but the change log could not record it (%s); "
+                        "other hosts see the change at their next full refresh",
+                        image_id, exc)
 
     def sweep(self, older_than: float) -> int:
         """Remove data and block tables no manifest names, once older than `older_than` s.

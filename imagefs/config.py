@@ -58,6 +58,9 @@ class Settings:
     memory_cache: int = 256 << 20
     prefetch_max: int = 64 << 20
     refresh_interval: float = 10.0
+    # Refreshes read the change log; this often they list every manifest as well, to
+    # catch changes the log missed (a writer that died between manifest and log entry).
+    full_refresh_interval: float = 3600.0
     # A read that needs the store answers EIO after this long, whatever the store does.
     read_timeout: float = 10.0
     # rm, mv and setfattr on catalog files answer within this long.
@@ -190,7 +193,8 @@ def load_settings(explicit_config: str | None = None,
             raise InvalidValue(f"config file {path} is not valid TOML: {exc}") from None
         _apply(settings, data, str(path))
     _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
-    for key in ("read_timeout", "gesture_timeout", "refresh_interval", "settle_time"):
+    for key in ("read_timeout", "gesture_timeout", "refresh_interval",
+                "full_refresh_interval", "settle_time"):
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidValue(f"{key} must be a positive number of seconds, not {value!r}")

@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from imagefs.access import GlancePolicy, OpenPolicy, Policy
-from imagefs.admin import CatalogAdmin
+from imagefs.admin import PURGEABLE, CatalogAdmin
 from imagefs.background import keep_running, periodic
 from imagefs.blocking import BlockingCalls
 from imagefs.cache import ChunkCache, open_environment
@@ -208,8 +208,8 @@ class Daemon:
         self.cache = ChunkCache(self.env, settings.cache_size)
         self.index = CatalogIndex(self.env, store.url)
         self.catalog_store = CatalogStore(store, self.index.store_id)
-        self.catalog = Catalog(self.catalog_store, self.index)
-        count = self.catalog.load_cached()  # so a refresh only fetches what changed
+        self.catalog = Catalog(self.catalog_store, self.index, settings.full_refresh_interval)
+        count = self.catalog.load_cached(crashed=self.index.mark_running())
         try:
             store.check()
             self.catalog.refresh()
@@ -302,6 +302,7 @@ class Daemon:
             pyfuse3.close(unmount=True)  # even after a crash: never leave a stale mount
             # Only abandoned store calls can still be running, and none touches LMDB.
             self.cache.flush_touches()
+            self.index.mark_stopped()
             self.env.sync(True)
             self.env.close()
             self.catalog_store.store.close()
@@ -320,7 +321,8 @@ class Daemon:
             nursery.start_soon(periodic, "cache bookkeeping", _FLUSH_INTERVAL, self._flush)
             nursery.start_soon(keep_running, "inbox committer", self.inbox.run)
             nursery.start_soon(keep_running, "kernel cache invalidation",
-                               KernelCache(lambda: self.catalog.snapshot).run)
+                               KernelCache(lambda: self.catalog.snapshot,
+                                           self.namespace.kernel_cached).run)
             nursery.start_soon(self._signal_loop)
             await pyfuse3.main()
             with trio.move_on_after(_DRAIN_TIMEOUT):
@@ -331,11 +333,13 @@ class Daemon:
         changes = await self.catalog_calls.run(self.catalog.fetch_changes,
                                                timeout=_REFRESH_TIMEOUT, what="catalog refresh")
         await trio.to_thread.run_sync(self.catalog.apply_changes, changes)
+        await self.catalog_calls.run(self.catalog.compact, timeout=_REFRESH_TIMEOUT,
+                                     what="catalog snapshot")
 
     async def _scrub(self) -> None:
         """Purge images deleted longer ago than the grace period (any host may do it)."""
         deleted = [m for m in self.catalog.snapshot.images.values()
-                   if m.record.status == "pending_delete"]
+                   if m.record.status in PURGEABLE]
         if not deleted:
             return
         gone = await self.catalog_calls.run(self.admin.scrub, self.settings.delete_grace,

@@ -77,14 +77,6 @@ class InboxNode:
 Node = FolderNode | ImageNode | InboxNode
 
 
-def everyones_names(snapshot: Snapshot, folder: str) -> dict[str, str]:
-    """Name -> image id in public/ or community/: the same for every caller who lists it."""
-    shown = (m.record for m in snapshot.images.values()
-             if m.record.visibility == folder and m.record.status in VISIBLE_STATUSES
-             and not m.record.os_hidden)
-    return {name: image.id for name, image in assign_names(shown).items()}
-
-
 def _dir(path: Path) -> Entry:
     return Entry(dir_inode(path), path=path)
 
@@ -201,13 +193,41 @@ class Namespace:
             self._listings.popitem(last=False)
         return listing
 
-    def known_projects(self) -> set[str]:
+    def known_projects(self, snap: Snapshot | None = None) -> set[str]:
         """Owners and members of any image, and configured projects (for the inbox)."""
         known = set(self._configured)
-        for manifest in self._snapshot().images.values():
+        for manifest in (snap or self._snapshot()).images.values():
             known.add(manifest.record.owner)
             known.update(manifest.record.members)
         return known
+
+    def kernel_cached(self, snap: Snapshot) -> dict[tuple[int, str], int]:
+        """(folder inode, name) -> inode of every entry the kernel may cache in `snap`.
+
+        Every catalog folder when all callers share one view; with caller-dependent
+        rules only those that read the same for everyone (core.py decides alike).
+        by-id/ is left out: its names never move, and kernel_cache.py forgets the
+        entries of changed images itself.
+        """
+        anyone = Who(0, "the kernel's cache")
+        shared = not self.policy.caller_dependent()
+        found: dict[tuple[int, str], int] = {}
+        pending: list[Path] = [("projects",), ("tags",)] if shared else []
+        pending += [("public",), ("community",)]
+        while pending:
+            path = pending.pop()
+            if shared:
+                listing = self._compute(anyone, snap, path) or {}
+            else:  # what everyone who may list the folder sees
+                listing = self._files(m.record for m in snap.images.values()
+                                      if m.record.visibility == path[0]
+                                      and m.record.status in VISIBLE_STATUSES
+                                      and not m.record.os_hidden)
+            for name, entry in listing.items():
+                found[(dir_inode(path), name)] = entry.inode
+                if entry.path is not None:
+                    pending.append(entry.path)
+        return found
 
     def _compute(self, who: Who, snap: Snapshot, path: Path) -> dict[str, Entry] | None:
         depth = len(path)
@@ -222,7 +242,7 @@ class Namespace:
             return [i for i in images if keep(i) and self.policy.listed(who, i, folder)]
 
         if top == "projects":
-            projects = self.policy.project_names(who, self.known_projects())
+            projects = self.policy.project_names(who, self.known_projects(snap))
             if depth == 1:
                 return {p: _dir(path + (p,)) for p in projects}
             project = path[1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from imagefs.admin import CatalogAdmin
 from imagefs.cache import open_environment
 from imagefs.catalog import Catalog
@@ -14,11 +16,11 @@ from imagefs.records import ImageRecord
 from imagefs.stores import open_store
 
 
-def setup(tmp_path):
+def setup(tmp_path, full_interval=3600.0):
     (tmp_path / "store").mkdir()
     catalog_store = CatalogStore(open_store(f"file://{tmp_path / 'store'}"))
     env = open_environment(tmp_path / "cache", 1 << 20)
-    catalog = Catalog(catalog_store, CatalogIndex(env, catalog_store.store.url))
+    catalog = Catalog(catalog_store, CatalogIndex(env, catalog_store.store.url), full_interval)
     return catalog_store, catalog
 
 
@@ -27,24 +29,28 @@ def create(catalog_store, name="x"):
     return upload_image(catalog_store, io.BytesIO(b"z" * 5000), record, 1024)
 
 
-def test_a_refresh_does_not_undo_changes_made_while_it_ran(tmp_path):
-    catalog_store, catalog = setup(tmp_path)
+@pytest.mark.parametrize("read", ["listing", "log"])
+def test_a_refresh_does_not_undo_changes_made_while_it_ran(tmp_path, read):
+    """Whether the refresh lists every manifest or reads the change log's tail."""
+    catalog_store, catalog = setup(tmp_path, full_interval=0 if read == "listing" else 3600)
     old = create(catalog_store, "old")
     catalog.refresh()
     admin = CatalogAdmin(catalog_store)
-    real_etags = catalog_store.manifest_etags
+    owner, name = (catalog_store, "manifest_etags") if read == "listing" else \
+        (catalog_store.log, "since")
+    real = getattr(owner, name)
     made = {}
 
-    def etags_then_local_changes():
-        listed = real_etags()  # the listing predates the changes below
+    def read_then_local_changes(*args):
+        found = real(*args)  # what the refresh read predates the changes below
         made["new"] = create(catalog_store, "new")
         catalog.apply(made["new"])
         catalog.apply(admin.update(old.record.id, lambda r: setattr(r, "min_ram", 4096)))
-        return listed
+        return found
 
-    catalog_store.manifest_etags = etags_then_local_changes
+    setattr(owner, name, read_then_local_changes)
     catalog.refresh()
-    catalog_store.manifest_etags = real_etags
+    setattr(owner, name, real)
     assert made["new"].record.id in catalog.snapshot.images, "a new image vanished"
     assert catalog.snapshot.record(old.record.id).min_ram == 4096, "a change was undone"
     catalog.refresh()  # and the next refresh agrees with the store

@@ -62,8 +62,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
-            if_absent: bool = False) -> None:
-        """Write a small object atomically: readers see the old or the new, never half.
+            if_absent: bool = False) -> str:
+        """Write a small object atomically (readers see the old or the new, never half);
+        returns the new version's etag, as list() and get_versioned() will show it.
 
         `if_match` writes only over the version with that etag, `if_absent` only where
         there is no object yet; otherwise ObjectChanged. A store that cannot enforce
@@ -79,7 +80,9 @@ class Store(abc.ABC):
     def open_writer(self, key: str) -> ObjectWriter: ...
 
     @abc.abstractmethod
-    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under `prefix` in key order; only keys after `start_after` if given
+        (so reading a log's tail costs one small request, however long the log)."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ class _FileWriter(ObjectWriter):
         target.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = target.with_name(f"{target.name}{_TMP_MARK}{uuid.uuid4().hex}")
         self._file = open(self._tmp, "wb")
+        self.etag = ""  # the committed object's, once commit() has run
 
     def write(self, data: bytes) -> None:
         try:
@@ -62,10 +64,12 @@ class _FileWriter(ObjectWriter):
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            st = os.stat(self._tmp)
             os.replace(self._tmp, self._target)
             _fsync_dir(self._target.parent)
         except OSError as exc:
             raise _translate(exc, str(self._target)) from exc
+        self.etag = _etag(st)  # a rename keeps inode, mtime and size
 
     def abort(self) -> None:
         try:
@@ -136,15 +140,16 @@ class FileStore(Store):
             os.close(fd)
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
-            if_absent: bool = False) -> None:
+            if_absent: bool = False) -> str:
+        conditional = if_match is not None or if_absent
         writer = self.open_writer(key)
         try:
             writer.write(data)
-            with self._write_lock() if if_match is not None or if_absent else \
-                    contextlib.nullcontext():
-                if if_match is not None or if_absent:
+            with self._write_lock() if conditional else contextlib.nullcontext():
+                if conditional:
                     self._check_version(key, if_match)
                 writer.commit()
+                return writer.etag
         except BaseException:
             writer.abort()
             raise
@@ -170,29 +175,30 @@ class FileStore(Store):
             raise ObjectChanged(f"{key} was changed by someone else (expected version "
                                 f"{if_match or 'none'}, found {current or 'none'})")
 
-    def open_writer(self, key: str) -> ObjectWriter:
+    def open_writer(self, key: str) -> _FileWriter:
         try:
             return _FileWriter(self._path(key))
         except OSError as exc:
             raise _translate(exc, key) from exc
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        directory = self._path(prefix.rstrip("/"))
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        folder = prefix.rstrip("/")
         try:
-            entries = list(os.scandir(directory))
+            names = sorted(os.listdir(self._path(folder)))
         except FileNotFoundError:
             return
         except OSError as exc:
             raise _translate(exc, prefix) from exc
-        for entry in entries:
-            if _TMP_MARK in entry.name or not entry.is_file():
+        for name in names:
+            key = f"{folder}/{name}"
+            if _TMP_MARK in name or (start_after is not None and key <= start_after):
                 continue
             try:
-                st = entry.stat()
+                st = os.stat(self._path(key))
             except FileNotFoundError:
                 continue
-            yield ObjectInfo(f"{prefix.rstrip('/')}/{entry.name}", st.st_size, _etag(st),
-                             st.st_mtime)
+            if stat.S_ISREG(st.st_mode):
+                yield ObjectInfo(key, st.st_size, _etag(st), st.st_mtime)
 
     def remove_stale_temporaries(self, older_than: float) -> int:
         """Temp files of writes a crash cut short (`<key>.tmp-<random>`), if old enough."""

@@ -274,14 +274,15 @@ class S3Store(Store):
         return self._call(key, fetch)
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
-            if_absent: bool = False) -> None:
+            if_absent: bool = False) -> str:
         conditions: dict[str, Any] = {}
         if (if_match is not None or if_absent) and self.conditional_writes:
             conditions = {"IfMatch": if_match} if if_match is not None else \
                 {"IfNoneMatch": "*"}
         try:
-            self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._full(key),
-                       Body=data, **conditions)
+            answer = self._call(key, self.client.put_object, Bucket=self.bucket,
+                                Key=self._full(key), Body=data, **conditions)
+            return str(answer.get("ETag", ""))
         except ObjectNotFound:  # AWS's answer to If-Match on a key that is gone
             raise ObjectChanged(f"{key} was removed by someone else meanwhile") from None
 
@@ -313,12 +314,14 @@ class S3Store(Store):
     def open_writer(self, key: str) -> ObjectWriter:
         return _MultipartWriter(self, key)
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         full = self._full(prefix)
         strip = len(self._full(""))
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            if start_after is not None:
+                kwargs["StartAfter"] = self._full(start_after)
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call(f"list {prefix}", self.client.list_objects_v2, **kwargs)
