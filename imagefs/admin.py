@@ -36,6 +36,7 @@ _FINISH_AFTER = 300.0  # s after which a purge decided elsewhere is finished her
 class CatalogAdmin:
     def __init__(self, catalog_store: CatalogStore) -> None:
         self.catalog_store = catalog_store
+        self._url = catalog_store.store.url  # for the commands that error messages suggest
         # Striped rather than one lock per image: bounded memory, and images rarely share.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -66,7 +67,8 @@ class CatalogAdmin:
         def mark(record: ImageRecord) -> None:
             if record.protected:
                 raise NotPermitted(f"image {record.id} is protected; unprotect it first "
-                                   f"(imagefs image set {record.id} --unprotected)")
+                                   f"(imagefs image set --store {self._url} {record.id} "
+                                   "--unprotected)")
             if record.status != "active":
                 raise InvalidValue(f"image {record.id} is {record.status}, not active")
             record.status = "pending_delete"
@@ -154,7 +156,7 @@ class CatalogAdmin:
         validate_project(project)
 
         def change(record: ImageRecord) -> None:
-            _check_shareable(record, project)
+            _check_shareable(record, project, self._url)
             if project in record.members:
                 raise NameTaken(f"{project} is already a member of image {record.id}")
             if len(record.members) >= MAX_MEMBERS:
@@ -192,15 +194,16 @@ class CatalogAdmin:
 
         def change(record: ImageRecord) -> None:
             for project in projects:
-                _check_shareable(record, project)
+                _check_shareable(record, project, self._url)
             record.members = {p: record.members.get(p, "pending") for p in projects}
 
         return self.update(image_id, change)
 
 
-def _check_shareable(record: ImageRecord, project: str) -> None:
+def _check_shareable(record: ImageRecord, project: str, url: str) -> None:
     if record.visibility != "shared":
         raise InvalidValue(f"image {record.id} is {record.visibility}; only shared images have "
-                           f"members (imagefs image set {record.id} --visibility shared)")
+                           f"members (imagefs image set --store {url} {record.id} "
+                           "--visibility shared)")
     if project == record.owner:
         raise InvalidValue(f"{project} owns image {record.id}")

@@ -7,22 +7,27 @@ ends with one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from imagefs import __version__
+from imagefs import manifest as mf
 from imagefs.admin import CatalogAdmin
 from imagefs.catalog_store import CatalogStore
 from imagefs.config import Settings, load_settings
-from imagefs.errors import ImagefsError, InvalidValue
+from imagefs.errors import ImageNotFound, ImagefsError, InvalidValue, StoreNotFound
+from imagefs.naming import image_name
 from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.records import (CONTAINER_FORMATS, DISK_FORMATS, MEMBER_STATUSES, VISIBILITIES,
-                             ImageRecord, validate_property)
-from imagefs.stores import open_store
+                             ImageRecord, iso_time, validate_property)
+from imagefs.store_init import init_hint, init_store
+from imagefs.stores import Store, open_store
 
 log = logging.getLogger("imagefs")
 
@@ -44,6 +49,34 @@ def _property(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--stor` is a typo, not `--store`); a typo is named alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args: Any = None,
+                         namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """Refuse what is left over, here, so the error shows this (sub)command's usage.
+
+        After an unknown flag argparse hands the flag's value to a positional, and the
+        real positional is left over; only the flags are the user's mistake.
+        """
+        parsed, extra = super().parse_known_args(args, namespace)
+        flags = [a for a in extra if a.startswith("-")]
+        if extra:
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            self.error("unrecognized arguments: "
+                       + " ".join(_with_hint(a, known) for a in flags or extra))
+        return parsed, []
+
+
+def _with_hint(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word.split("=")[0], known, n=1) \
+        if word.startswith("-") else []
+    return f"{word} (did you mean {close[0]}?)" if close else word
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file to read")
     parser.add_argument("--store", metavar="URL",
@@ -54,7 +87,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imagefs", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A Glance-style image catalog served as a FUSE filesystem.")
     parser.add_argument("--version", action="version", version=f"imagefs {__version__}")
@@ -91,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     lister.add_argument("--project", help="only images owned by this project")
     lister.add_argument("--json", action="store_true", help="print a JSON array of images")
 
-    show = verbs.add_parser("show", help="show one image")
+    show = verbs.add_parser("show", help="show one image, by id or by its unique name")
     _add_common(show)
-    show.add_argument("image_id", metavar="ID")
+    show.add_argument("image", metavar="ID_OR_NAME")
     show.add_argument("--json", action="store_true", help="print the image as Glance JSON")
 
     delete = verbs.add_parser(
@@ -111,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scrub = verbs.add_parser(
         "scrub", help="purge deleted images whose grace period is over",
-        description="Purge deleted images whose grace period is over (prints how many), "
+        description="Purge deleted images whose grace period is over (says how many), "
                     "and remove data and block tables that no manifest names once they are "
                     "old enough: what uploads and purges cut short by a crash leave behind.")
     _add_common(scrub)
@@ -184,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("files", nargs="+", metavar="FILE")
     warm.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    store = top.add_parser("store", help="set up a store")
+    store_verbs = store.add_subparsers(dest="verb", required=True, metavar="VERB")
+    init = store_verbs.add_parser(
+        "init", help="create the bucket (or directory) and stamp it as an imagefs catalog",
+        description="Create the S3 bucket, or the file:// directory, unless it exists, and "
+                    "write the catalog marker that tells mounts which catalog the store "
+                    "holds. Safe to run again: an existing store keeps its images.")
+    _add_common(init)
+
+    doctor = top.add_parser(
+        "doctor", help="check what a mount on this host needs, one line per check",
+        description="Check /dev/fuse, fusermount3, user_allow_other (with --allow-other), "
+                    "the cache dir's space and permissions, the config file's permissions "
+                    "when it holds secrets, and the store: reachable, credentials, bucket, "
+                    "writable, catalog marker, clock skew. Exit 1 if any check FAILs.")
+    _add_common(doctor)
+    doctor.add_argument("--cache-dir", metavar="DIR", help="the cache dir the mount will use")
+    doctor.add_argument("--allow-other", action="store_true", default=None,
+                        help="check for a mount with --allow-other")
+
     mount = top.add_parser(
         "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mount the image catalog at MOUNTPOINT. Returns once the mount is "
@@ -213,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line gives; they override the config file's."""
     overrides: dict[str, Any] = {
         "store": getattr(args, "store", None),
         "cache_dir": getattr(args, "cache_dir", None),
@@ -224,7 +278,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     if getattr(args, "endpoint_url", None):
         overrides["s3"] = {"endpoint_url": args.endpoint_url}
-    settings = load_settings(getattr(args, "config", None), overrides)
+    return overrides
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "config", None), _overrides(args))
     if getattr(args, "debug", False):
         settings.log_level = "DEBUG"
     if not settings.store:
@@ -233,10 +291,42 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _store(settings: Settings) -> Store:
+    return open_store(settings.store or "", settings.s3, max(settings.read_timeout, 30.0))
+
+
 def _catalog(settings: Settings) -> CatalogStore:
-    store = open_store(settings.store or "", settings.s3, max(settings.read_timeout, 30.0))
-    store.check()
+    store = _store(settings)
+    try:
+        store.check()
+    except StoreNotFound as exc:
+        raise StoreNotFound(f"{exc}; {init_hint(store.url)}") from None
     return CatalogStore(store)
+
+
+def _find_image(catalog: CatalogStore, wanted: str) -> mf.Manifest:
+    """The image with id `wanted`, else the one image named `wanted`."""
+    if _is_uuid(wanted):
+        try:
+            return catalog.load(wanted)
+        except ImageNotFound:
+            pass
+    named = sorted((m for m in catalog.load_all() if m.record.name == wanted),
+                   key=lambda m: m.record.created_at)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        ids = ", ".join(f"{m.record.id} ({m.record.owner}, {m.record.status})" for m in named)
+        raise InvalidValue(f"{len(named)} images are named {wanted!r}: {ids}; give an id")
+    raise ImageNotFound(f"no image with id or name {wanted!r}")
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _print_image(record: ImageRecord, as_json: bool) -> None:
@@ -257,7 +347,7 @@ def cmd_image_create(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise InvalidValue(f"{path}: no such file")
     record = ImageRecord.new(
-        owner=args.project, name=args.name if args.name is not None else path.name,
+        owner=args.project, name=args.name if args.name is not None else image_name(path.name),
         visibility=args.visibility, disk_format=args.disk_format,
         container_format=args.container_format, tags=args.tag,
         properties=dict(args.property), min_disk=args.min_disk, min_ram=args.min_ram,
@@ -281,7 +371,9 @@ def cmd_image_create(args: argparse.Namespace) -> int:
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
-    manifests = _catalog(_settings(args)).load_all()
+    settings = _settings(args)
+    grace = settings.delete_grace
+    manifests = _catalog(settings).load_all()
     records = sorted((m.record for m in manifests if not args.project
                       or m.record.owner == args.project),
                      key=lambda r: (r.owner, r.name or "", r.created_at))
@@ -290,25 +382,39 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "NAME", "FORMAT", "SIZE", "VISIBILITY", "OWNER", "STATUS")]
     rows += [(r.id, r.name or "", r.disk_format or "", str(r.size or 0), r.visibility,
-              r.owner, r.status) for r in records]
+              r.owner, _status(r, grace)) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    deleted = sum(r.status == "pending_delete" for r in records)
+    if deleted:
+        print(f"{deleted} {'image is' if deleted == 1 else 'images are'} deleted "
+              "(pending_delete): gone from every mount, restorable until the purge with "
+              "`imagefs image restore ID`", file=sys.stderr)
     return 0
 
 
+def _status(record: ImageRecord, grace: float) -> str:
+    """A deleted image says so, and until when it can be restored."""
+    if record.status != "pending_delete":
+        return record.status
+    purge = (record.deleted_at or 0) + int(grace * 1_000_000)
+    return f"pending_delete (deleted; purged after {iso_time(purge)})"
+
+
 def cmd_image_show(args: argparse.Namespace) -> int:
-    _print_image(_catalog(_settings(args)).load(args.image_id).record, args.json)
+    _print_image(_find_image(_catalog(_settings(args)), args.image).record, args.json)
     return 0
 
 
 def cmd_image_delete(args: argparse.Namespace) -> int:
     settings = _settings(args)
     grace = 0.0 if args.now else settings.delete_grace
-    CatalogAdmin(_catalog(settings)).delete(args.image_id, grace)
+    catalog = _catalog(settings)
+    CatalogAdmin(catalog).delete(args.image_id, grace)
     if grace > 0:
-        print(f"image {args.image_id} deleted; restorable for {grace:.0f}s with: "
-              f"imagefs image restore {args.image_id}", file=sys.stderr)
+        print(f"image {args.image_id} deleted; restorable for {grace:.0f}s with: imagefs "
+              f"image restore --store {catalog.store.url} {args.image_id}", file=sys.stderr)
     return 0
 
 
@@ -321,7 +427,9 @@ def cmd_image_scrub(args: argparse.Namespace) -> int:
     """Purge deleted images past their grace period; sweep what crashes left behind."""
     settings = _settings(args)
     catalog = _catalog(settings)
-    print(len(CatalogAdmin(catalog).scrub(settings.delete_grace)))
+    purged = len(CatalogAdmin(catalog).scrub(settings.delete_grace))
+    print(f"purged {purged} deleted image{'' if purged == 1 else 's'} whose grace period "
+          f"({settings.delete_grace:.0f}s) was over")
     swept = catalog.sweep(args.leftovers_older_than)
     if swept:
         print(f"removed {swept} objects no image names (left by crashes)", file=sys.stderr)
@@ -378,22 +486,46 @@ def cmd_inbox_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_warm(args: argparse.Namespace) -> int:
+    """Read each image once, then fsync: the mount answers once its chunks are cached."""
     from imagefs.progress import progress_bar
 
     paths = [Path(p) for p in args.files]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise InvalidValue(f"not a file: {', '.join(missing)}")
-    total = sum(p.stat().st_size for p in paths)
+    # One image is one inode wherever it shows (by-id/, public/, tags/...): read it once.
+    images: dict[tuple[int, int], tuple[Path, int]] = {}
+    for path in paths:
+        st = path.stat()
+        images.setdefault((st.st_dev, st.st_ino), (path, st.st_size))
+    total = sum(size for _path, size in images.values())
     with progress_bar(total, "warm cache") as advance:
-        for path in paths:
+        for path, _size in images.values():
             with open(path, "rb", buffering=0) as f:
+                # The point is the daemon's cache: reads the kernel answers never reach it.
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 while piece := f.read(4 << 20):
                     advance(len(piece))
-                # the point is the daemon's cache, not the kernel's page cache
+                os.fsync(f.fileno())
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    print(f"{len(paths)} files, {total} bytes read")
+    print(f"{len(images)} image{'' if len(images) == 1 else 's'} cached, {total} bytes read")
     return 0
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    store = _store(_settings(args))
+    created, catalog_id = init_store(store)
+    print(f"{store.url}: {'created' if created else 'exists'}; catalog id {catalog_id}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from imagefs import doctor
+
+    checks = doctor.run(args.config, _overrides(args))
+    for check in checks:
+        print(check.line())
+    return doctor.exit_status(checks)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -416,7 +548,8 @@ COMMANDS = {
     ("image", "reactivate"): cmd_image_status, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
-    ("cache", "warm"): cmd_cache_warm,
+    ("cache", "warm"): cmd_cache_warm, ("store", "init"): cmd_store_init,
+    ("doctor", None): cmd_doctor,
     ("mount", None): cmd_mount, ("umount", None): cmd_umount,
 }
 

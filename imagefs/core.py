@@ -2,28 +2,30 @@
 
 Each operation takes the caller (a `Who`), resolves inodes to node kinds through the
 namespace, asks access.py where a rule applies, and answers with plain attributes,
-open-file objects or domain errors; errors.py maps those to errnos at the FUSE edge.
+open-file objects or domain errors; errors.py maps those to errnos at the FUSE edge. A
+refused change is also kept for its caller (refusals.py), who reads why in an xattr.
 docs/semantics.md describes what each operation does; this is where it is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
 
 from imagefs import manifest as mf
 from imagefs.access import Caller, Policy, Who
-from imagefs.errors import ImageNotFound, NotPermitted, ReadOnly
+from imagefs.errors import ImagefsError, ImageNotFound, NotPermitted, ReadOnly
 from imagefs.gestures import Gestures
 from imagefs.handles import OpenFile, OpenImage, OpenInboxFile, OpenReport
 from imagefs.inbox import Inbox
 from imagefs.metadata import Metadata
-from imagefs.namespace import FolderNode, ImageNode, InboxNode, Namespace, Node
+from imagefs.namespace import FolderNode, ImageNode, InboxNode, Namespace, Node, Path
 from imagefs.reader import ImageReader
 
 BLOCK = 4096
@@ -80,6 +82,22 @@ class Filesystem:
             return known
         return await trio.to_thread.run_sync(self.policy.identify, caller)
 
+    @contextlib.contextmanager
+    def _refusal(self, who: Who, what: str, *folders: Path) -> Iterator[None]:
+        """Keep the reason if the change `what` is refused, for the caller to read."""
+        try:
+            yield
+        except ImagefsError as exc:
+            self.metadata.refusals.note(who.uid, folders, what, exc)
+            raise
+
+    @staticmethod
+    def _folders(node: Node) -> tuple[Path, ...]:
+        """Where a change to the node shows its refusal: an inbox file's folder, a folder."""
+        if isinstance(node, InboxNode):
+            return (("inbox", node.entry.record.project),)
+        return (node.path,) if isinstance(node, FolderNode) else ()
+
     # -- attributes ---------------------------------------------------------------------
 
     def attributes(self, node: Node, parent: tuple[str, ...] | None = None) -> Attributes:
@@ -122,17 +140,19 @@ class Filesystem:
     async def setattr(self, who: Who, inode: int, handle: OpenFile | None, size: int | None,
                       mode: int | None, mtime_ns: int | None) -> Attributes:
         node = self.namespace.resolve(who, inode)
-        if not isinstance(node, InboxNode):
+        with self._refusal(who, "truncate" if size is not None else "chmod or touch",
+                           *self._folders(node)):
+            if not isinstance(node, InboxNode):
+                if size is not None:
+                    raise ReadOnly("image data never changes")
+                raise NotPermitted("catalog files and folders keep their mode, owner and times")
+            entry = node.entry
+            self.policy.check_inbox(who, entry.record.project)
             if size is not None:
-                raise ReadOnly("image data never changes")
-            raise NotPermitted("catalog files and folders keep their mode, owner and times")
-        entry = node.entry
-        self.policy.check_inbox(who, entry.record.project)
-        if size is not None:
-            fd = handle.fd if isinstance(handle, OpenInboxFile) else None
-            await self.inbox.files.truncate(entry, fd, size)
-        await self.inbox.files.set_attributes(entry, None if mode is None else mode & 0o777,
-                                              mtime_ns)
+                fd = handle.fd if isinstance(handle, OpenInboxFile) else None
+                await self.inbox.files.truncate(entry, fd, size)
+            await self.inbox.files.set_attributes(
+                entry, None if mode is None else mode & 0o777, mtime_ns)
         return self.attributes(node)
 
     # -- folders ------------------------------------------------------------------------
@@ -151,17 +171,24 @@ class Filesystem:
         return listed
 
     async def mkdir(self, who: Who, parent_inode: int, name: str) -> Attributes:
-        if self.namespace.folder(who, parent_inode) != ("inbox",):
-            raise NotPermitted("folders are made by the catalog; only inbox/<project> can be "
-                               "created")
-        self.policy.check_inbox(who, name)
-        await trio.to_thread.run_sync(self.inbox.add_project, name)
+        parent = self.namespace.folder(who, parent_inode)
+        with self._refusal(who, f"mkdir {name}", parent):
+            if parent != ("inbox",):
+                raise NotPermitted("folders are made by the catalog; only inbox/<project> can "
+                                   "be created")
+            self.policy.check_inbox(who, name)
+            await trio.to_thread.run_sync(self.inbox.add_project, name)
         return self.attributes(self.namespace.lookup(who, ("inbox",), name), ("inbox",))
 
     # -- files --------------------------------------------------------------------------
 
     async def open(self, who: Who, inode: int, writable: bool, truncate: bool) -> OpenFile:
         node = self.namespace.resolve(who, inode)
+        with self._refusal(who, "open for writing" if writable or truncate else "open",
+                           *self._folders(node)):
+            return await self._open(who, node, writable, truncate)
+
+    async def _open(self, who: Who, node: Node, writable: bool, truncate: bool) -> OpenFile:
         if isinstance(node, ImageNode):
             if writable or truncate:
                 raise ReadOnly("image data never changes; write new images into the inbox")
@@ -184,11 +211,12 @@ class Filesystem:
     async def create(self, who: Who, parent_inode: int, name: str,
                      mode: int) -> tuple[OpenFile, Attributes]:
         path = self.namespace.folder(who, parent_inode)
-        if len(path) != 2 or path[0] != "inbox":
-            raise ReadOnly("files are created only in inbox/<project>/")
-        self.policy.check_inbox(who, path[1])
-        entry = await self.inbox.files.create(path[1], name, mode & 0o777)
-        fd = await self.inbox.files.open(entry, True, False)
+        with self._refusal(who, f"create {name}", path):
+            if len(path) != 2 or path[0] != "inbox":
+                raise ReadOnly("files are created only in inbox/<project>/")
+            self.policy.check_inbox(who, path[1])
+            entry = await self.inbox.files.create(path[1], name, mode & 0o777)
+            fd = await self.inbox.files.open(entry, True, False)
         return (OpenInboxFile(self.inbox.files, entry, fd, True),
                 self.attributes(InboxNode(entry)))
 
@@ -202,12 +230,17 @@ class Filesystem:
     # -- gestures -----------------------------------------------------------------------
 
     async def unlink(self, who: Who, parent_inode: int, name: str) -> None:
-        await self.gestures.unlink(who, self.namespace.folder(who, parent_inode), name)
+        folder = self.namespace.folder(who, parent_inode)
+        with self._refusal(who, f"rm {name}", folder):
+            await self.gestures.unlink(who, folder, name)
 
     async def rename(self, who: Who, old_parent: int, old_name: str, new_parent: int,
                      new_name: str) -> None:
-        await self.gestures.rename(who, self.namespace.folder(who, old_parent), old_name,
-                                   self.namespace.folder(who, new_parent), new_name)
+        old = self.namespace.folder(who, old_parent)
+        new = self.namespace.folder(who, new_parent)
+        with self._refusal(who, f"mv {'/'.join(old)}/{old_name} {'/'.join(new)}/{new_name}",
+                           old, new):
+            await self.gestures.rename(who, old, old_name, new, new_name)
 
     # -- metadata -----------------------------------------------------------------------
 
@@ -218,10 +251,14 @@ class Filesystem:
         return sorted(self.metadata.items(who, self.namespace.resolve(who, inode)))
 
     async def setxattr(self, who: Who, inode: int, key: str, value: bytes) -> None:
-        await self.metadata.set(who, self.namespace.resolve(who, inode), key, value)
+        node = self.namespace.resolve(who, inode)
+        with self._refusal(who, f"setfattr -n {key} {_shown(node)}", *self._folders(node)):
+            await self.metadata.set(who, node, key, value)
 
     async def removexattr(self, who: Who, inode: int, key: str) -> None:
-        await self.metadata.remove(who, self.namespace.resolve(who, inode), key)
+        node = self.namespace.resolve(who, inode)
+        with self._refusal(who, f"setfattr -x {key} {_shown(node)}", *self._folders(node)):
+            await self.metadata.remove(who, node, key)
 
     def statfs(self, who: Who) -> Space:
         """Image bytes and count; free is what the inbox can still stage.
@@ -240,6 +277,15 @@ class Filesystem:
             free = spool.limit // BLOCK
         used = sum(-(-(m.record.size or 0) // BLOCK) for m in counted)
         return Space(used + free, free, len(counted))
+
+
+def _shown(node: Node) -> str:
+    """A node as a refusal names it (a setxattr names no path)."""
+    if isinstance(node, ImageNode):
+        return f"image {node.record.id}"
+    if isinstance(node, InboxNode):
+        return f"inbox/{node.entry.record.project}/{node.entry.record.name}"
+    return "/".join(node.path) or "the mount root"
 
 
 def file_type(attrs: Attributes) -> int:

@@ -125,3 +125,13 @@ def errno_for(exc: BaseException) -> int:
         if cls in ERRNO:
             return ERRNO[cls]  # type: ignore[index]
     return errno.EIO
+
+
+def errno_name(exc: BaseException) -> str:
+    """'EPERM': the errno a FUSE caller sees for `exc`, by name, for messages about it."""
+    return errno.errorcode.get(errno_for(exc), "EIO")
+
+
+def is_routine(exc: BaseException) -> bool:
+    """No such name, no such xattr: what lookups answer all day, not a refusal."""
+    return errno_for(exc) in (errno.ENOENT, errno.ENODATA)

@@ -20,7 +20,7 @@ import pyfuse3
 
 from imagefs.access import Caller, Who
 from imagefs.core import BLOCK, Attributes, Filesystem, file_type
-from imagefs.errors import ImagefsError, InvalidValue, errno_for
+from imagefs.errors import ImagefsError, InvalidValue, errno_for, is_routine
 from imagefs.handles import OpenFile
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
             if code == errno.EIO:  # a traceback only for what no one raised on purpose
                 log.error("%s failed: %s", handler.__name__, exc,
                           exc_info=not isinstance(exc, ImagefsError))
-            elif code not in (errno.ENOENT, errno.ENODATA):  # routine: no such name, xattr
+            elif not is_routine(exc):
                 log.info("%s refused: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(code) from None
 

@@ -23,7 +23,7 @@ from imagefs.catalog import Catalog
 from imagefs.errors import (ImageNotFound, InvalidValue, NameTaken, NoSuchAttribute,
                             NotPermitted, ReadOnlyField)
 from imagefs.inbox import Inbox
-from imagefs.naming import clean_component, natural_name, split_extension
+from imagefs.naming import clean_component, image_name, natural_name
 from imagefs.namespace import (MEMBER_FOLDERS, VISIBILITY_FOLDERS, ImageNode, Namespace,
                                Path)
 from imagefs.records import (MUTABLE_FIELDS, RESERVED_KEYS, ImageRecord, parse_field,
@@ -138,8 +138,8 @@ class Gestures:
 
     async def _set_name(self, who: Who, record: ImageRecord, folder: Path,
                         file_name: str | None, visibility: str | None) -> None:
-        """A new name (the file name without the rule's extension) and/or visibility."""
-        name = split_extension(file_name, record.disk_format)[0] if file_name else record.name
+        """A new name (the file name without a disk-format extension) and/or visibility."""
+        name = image_name(file_name) if file_name else record.name
         moved = dataclasses.replace(record, name=name,
                                     visibility=visibility or record.visibility)
         self._refuse_clash(who, folder, natural_name(moved), record)

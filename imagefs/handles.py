@@ -6,6 +6,7 @@ handle carries it: whatever a handle allows was allowed to the caller who opened
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -16,6 +17,9 @@ from imagefs.errors import BadHandle
 from imagefs.inbox import InboxEntry
 from imagefs.inbox.files import InboxFiles
 from imagefs.reader import ImageReader, Stream
+
+log = logging.getLogger(__name__)
+CACHE_WRITE_WAIT = 30.0  # seconds an fsync of an image waits for its chunks to be cached
 
 
 class OpenFile:
@@ -48,6 +52,18 @@ class OpenImage(OpenFile):
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self.reader.read(self.manifest, offset, size, self.stream)
+
+    async def fsync(self, datasync: bool) -> None:
+        """Return once the chunks read so far are in the LMDB cache, not just fetched.
+
+        `imagefs cache warm` relies on it. Cache writes happen behind the reads; a mount
+        too busy to get through them in time answers anyway (every call has a deadline).
+        """
+        with trio.move_on_after(CACHE_WRITE_WAIT) as waited:
+            await self.reader.drain()
+        if waited.cancelled_caught:
+            log.warning("fsync of image %s: chunks still being cached after %gs",
+                        self.manifest.record.id, CACHE_WRITE_WAIT)
 
     async def release(self) -> None:
         self._on_release()

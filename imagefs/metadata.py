@@ -3,8 +3,9 @@
 Images show their Glance v2 JSON form as `user.glance.<key>` and their members as
 `user.imagefs.members`; inbox files show their upload status and the fields they will
 be published with; the root shows the daemon's counters, an inbox folder its recent
-publishes. Changes to images are gestures (gestures.py), changes to inbox files go to
-the spool; both ask access.py first.
+publishes, and every folder the caller's last refusal there (refusals.py). Changes to
+images are gestures (gestures.py), changes to inbox files go to the spool; both ask
+access.py first.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ from imagefs.gestures import Gestures
 from imagefs.inbox import Inbox
 from imagefs.namespace import ImageNode, InboxNode, Node
 from imagefs.records import json_text
+from imagefs.refusals import Refusals
 
 GLANCE = xattrs.GLANCE_PREFIX
 
 
 class Metadata:
     def __init__(self, policy: Policy, inbox: Inbox, gestures: Gestures,
-                 stats: Callable[[], dict[str, Any]]) -> None:
+                 stats: Callable[[], dict[str, Any]],
+                 refusals: Refusals | None = None) -> None:
         self.policy = policy
         self.inbox = inbox
         self.gestures = gestures
         self._stats = stats
+        self.refusals = refusals or Refusals()
 
     def items(self, who: Who, node: Node) -> dict[str, str]:
         """Every xattr of the node, as the caller sees it."""
@@ -47,14 +51,17 @@ class Metadata:
                 items[xattrs.IMAGE_ID] = entry.record.entry_id
             items.update({GLANCE + k: json_text(v) for k, v in entry.record.metadata.items()})
             return items
-        if not node.path:  # the counters say how many images there are: admins only
-            if self.policy.caller_dependent() and not who.admin:
-                return {}
-            return {xattrs.STATS: json.dumps(self._stats(), sort_keys=True)}
-        if node.path[0] == "inbox" and len(node.path) == 2:
+        items: dict[str, str] = {}
+        refused = self.refusals.last(who.uid, node.path)
+        if refused is not None:
+            items[xattrs.LAST_ERROR] = refused
+        # The counters say how many images there are: admins only.
+        if not node.path and (who.admin or not self.policy.caller_dependent()):
+            items[xattrs.STATS] = json.dumps(self._stats(), sort_keys=True)
+        if node.path[:1] == ("inbox",) and len(node.path) == 2:
             published = self.inbox.registry.recently_published(node.path[1])
-            return {xattrs.PUBLISHED: json.dumps(published, sort_keys=True)}
-        return {}
+            items[xattrs.PUBLISHED] = json.dumps(published, sort_keys=True)
+        return items
 
     def get(self, who: Who, node: Node, key: str) -> str:
         value = self.items(who, node).get(key)

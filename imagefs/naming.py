@@ -6,11 +6,14 @@ import logging
 import re
 from collections.abc import Iterable
 
-from imagefs.records import ImageRecord
+from imagefs.records import DISK_FORMATS, ImageRecord
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_BYTES = 255
+# What a file name ends with when it holds a disk image: Glance's disk formats, and .img
+# (cloud images ship as .img whatever their format).
+DISK_EXTENSIONS = tuple(f".{f}" for f in DISK_FORMATS) + (".img",)
 
 
 # Control characters (C0, DEL, C1: Unicode's "Cc") and the bidirectional controls, which
@@ -40,6 +43,19 @@ def split_extension(name: str, disk_format: str | None) -> tuple[str, str]:
     if ext and name.lower().endswith(ext.lower()) and len(name) > len(ext):
         return name[: -len(ext)], name[-len(ext):]
     return name, ext
+
+
+def image_name(file_name: str) -> str:
+    """The image name a file name gives (inbox upload, mv, `image create`).
+
+    One known disk-format extension is stripped, so `golden.img` and `golden.qcow2` both
+    name the image `golden`, shown again with its detected format's extension.
+    """
+    lower = file_name.lower()
+    for ext in DISK_EXTENSIONS:
+        if lower.endswith(ext) and len(file_name) > len(ext):
+            return file_name[:-len(ext)]
+    return file_name
 
 
 def _split(image: ImageRecord) -> tuple[str, str]:

@@ -24,6 +24,7 @@ fi
 
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# setuptools>=77 as pyproject.toml needs, also for builds without isolation
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" >/dev/null
 .venv/bin/python -m pip install -q -e ".${extras}"
 echo "setup: imagefs installed in $(pwd)/.venv ($(.venv/bin/imagefs --version))"

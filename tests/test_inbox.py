@@ -69,7 +69,7 @@ def test_cp_publishes_with_format_size_and_checksums(store, mount, tmp_path):
     assert image.read_bytes() == qcow.read_bytes()
     shown = json.loads(store.cli("image", "show", image_id, "--json").stdout)
     assert shown["owner"] == "acme" and shown["visibility"] == "private"
-    assert shown["name"] == "ubuntu.qcow2"
+    assert shown["name"] == "ubuntu"  # the file name less its disk-format extension
 
 
 @pytest.mark.parametrize("fmt, make", [

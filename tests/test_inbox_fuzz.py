@@ -19,6 +19,8 @@ from test_fuzz_formats import make_seeds, mutant
 from test_inbox import config, published, wait
 from test_inspect import README, qemu_image
 
+from imagefs.naming import image_name
+
 MiB = 1 << 20
 QUICK_FILES, LONG_FILES = 100, 1000
 DEADLINE = 600 if LONG else 240  # for all files to settle, upload and be decided
@@ -58,8 +60,9 @@ def test_mutated_files_are_published_or_reported(file_store, mount, tmp_path):
         (inbox / name).write_bytes(data)
     reported = _settle(inbox, set(files))
 
-    images = {os.getxattr(m / "by-id" / image_id, "user.glance.name").decode(): image_id
-              for image_id in os.listdir(m / "by-id")}
+    file_of = {image_name(name): name for name in files}  # the image name drops the .img
+    images = {file_of[os.getxattr(m / "by-id" / image_id, "user.glance.name").decode()]:
+              image_id for image_id in os.listdir(m / "by-id")}
     assert set(images) == set(files) - reported
     for name, image_id in images.items():
         assert (m / "by-id" / image_id).read_bytes() == files[name], name

@@ -37,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conftest import LONG, Mount
 from imagefs.inspect_format import FormatDetector
+from imagefs.naming import image_name
 from test_inbox import config
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -568,7 +569,7 @@ class InboxMachine(RuleBasedStateMachine):
             "checksum": hashlib.md5(f.data).hexdigest(),
             "os_hash_algo": "sha512", "os_hash_value": hashlib.sha512(f.data).hexdigest(),
             "disk_format": "raw", "container_format": "bare", "status": "active",
-            "owner": "acme", "id": f.image_id, "name": final,
+            "owner": "acme", "id": f.image_id, "name": image_name(final),
             "visibility": "private", "protected": "false", "os_hidden": "false",
             "min_ram": "0", "min_disk": "0", "tags": "[]", **f.xattrs,
         }

@@ -149,7 +149,7 @@ def test_second_pass_comes_from_cache_even_offline(store, mount, tmp_path):
     cache_dir = tmp_path / "shared-cache"
     first = mount(store, cache_dir=cache_dir)
     warmed = run_cli("cache", "warm", str(first / f"by-id/{image_id}"))
-    assert f"1 files, {10 * MiB} bytes read" in warmed.stdout
+    assert f"1 image cached, {10 * MiB} bytes read" in warmed.stdout
     first.stop()
     offline_env = {}
     if store.kind == "file":  # the store's directory is gone, e.g. its NFS share is down

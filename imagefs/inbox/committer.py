@@ -27,6 +27,7 @@ from imagefs.errors import (ImageNotFound, InvalidValue, NotPermitted, ObjectCha
 from imagefs.inbox.entries import ERROR_SUFFIX, InboxEntry, Registry, never_committed
 from imagefs.inbox.files import UPLOAD_FIELDS, InboxFiles
 from imagefs.inbox.streaming import StreamingStage
+from imagefs.naming import image_name
 from imagefs.pipeline import StagedData, publish, stage_data
 from imagefs.quotas import Quotas, Usage
 from imagefs.records import ImageRecord
@@ -168,7 +169,7 @@ class Committer:
             with open(self.spool.data_path(record), "rb") as source:
                 staged = stage_data(self.catalog_store.store, source, record.entry_id,
                                     self.block_size)
-        fields: dict[str, Any] = {"name": record.name, "container_format": "bare"}
+        fields: dict[str, Any] = {"name": image_name(record.name), "container_format": "bare"}
         fields.update(record.metadata)
         image = ImageRecord(id=record.entry_id, owner=record.project, status="saving",
                             **{k: v for k, v in fields.items() if k in UPLOAD_FIELDS})

@@ -338,3 +338,13 @@ class S3Store(Store):
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+    def create_bucket(self) -> None:
+        """Create the bucket (`imagefs store init`); one that exists and answers us is fine."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.settings.region and self.settings.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+        try:
+            self._call(f"create bucket {self.bucket}", self.client.create_bucket, **kwargs)
+        except ObjectChanged:  # 409: it exists already (ours, or raced); check() says whose
+            self.check()
