@@ -39,6 +39,7 @@ from imagefs.namespace import Namespace
 from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.reader import ImageReader
 from imagefs.spool import Spool
+from imagefs.store_init import init_hint
 from imagefs.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,9 @@ class Daemon:
             self.catalog.refresh()
         except (StoreUnavailable, StoreNotFound, StoreUntrusted) as exc:
             if not count and not isinstance(exc, StoreUntrusted):
+                hint = f"; {init_hint(store.url)}" if isinstance(exc, StoreNotFound) else ""
                 raise type(exc)(f"{exc}; and the cache at {cache_dir} holds no catalog "
-                                "to start from") from None
+                                f"to start from{hint}") from None
             log.warning("store cannot be used (%s); serving the cached catalog of %d images "
                         "from %s until it comes back (uploads wait in the inbox, changes "
                         "to images answer EIO)", exc, count, cache_dir)

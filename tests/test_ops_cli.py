@@ -65,6 +65,10 @@ def test_store_init_creates_the_bucket_the_error_names(s3_server, tmp_path):
                       check=False, env=env)
     assert missing.returncode == 1 and "the bucket does not exist" in missing.stderr
     assert f"`imagefs store init --store {url}` creates and stamps it" in missing.stderr
+    (tmp_path / "mnt").mkdir()
+    mounting = run_cli("mount", "--store", url, "--cache-dir", str(tmp_path / "cache"),
+                       str(tmp_path / "mnt"), check=False, env=env)
+    assert mounting.returncode == 1 and "imagefs store init --store" in mounting.stderr
     first = run_cli("store", "init", "--store", url, env=env).stdout
     again = run_cli("store", "init", "--store", url, env=env).stdout
     assert f"{url}: created; catalog id " in first and f"{url}: exists; catalog id " in again
