@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev qemu-utils attr)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(rsync xorriso)
+    packages+=(rsync xorriso libvirt-clients libxml2-utils)  # virt-xml-validate: docs/hypervisors.md
     extras="[test]"
 fi
 
