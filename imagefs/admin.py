@@ -109,7 +109,7 @@ class CatalogAdmin:
                 record = manifest.record
                 if record.status == "deleted":
                     if lost_race or now_us() - record.updated_at < _FINISH_AFTER * 1_000_000:
-                        return lost_race  # another host decided just now and is purging it
+                        return True  # another host decided just now and is purging it
                     break  # decided long ago: its maker died before finishing
                 if record.status != "pending_delete" or (
                         deleted_before is not None and (record.deleted_at or 0) > deleted_before):
