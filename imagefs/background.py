@@ -35,12 +35,16 @@ async def keep_running(name: str, task: Callable[[], Awaitable[None]],
         attempt += 1
 
 
-async def periodic(name: str, interval: float, step: Callable[[], Awaitable[None]],
-                   backoff: Backoff = RESTART) -> None:
-    """Run `step` every `interval` seconds; after failures, wait longer (backoff)."""
+async def periodic(name: str, interval: float | Callable[[], float],
+                   step: Callable[[], Awaitable[None]], backoff: Backoff = RESTART) -> None:
+    """Run `step` every `interval` seconds; after failures, wait longer (backoff).
+
+    A callable `interval` is asked each round, so a reload can change it.
+    """
     failures = 0
     while True:
-        await trio.sleep(interval if not failures else max(interval, backoff.delay(failures)))
+        every = interval() if callable(interval) else interval
+        await trio.sleep(every if not failures else max(every, backoff.delay(failures)))
         try:
             await step()
         except ImagefsError as exc:  # expected trouble (store down...): one line, no trace

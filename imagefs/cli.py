@@ -239,14 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     mount = top.add_parser(
         "mount", help="mount the catalog", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Mount the image catalog at MOUNTPOINT. Returns once the mount is "
-                    "ready (the daemon keeps running) unless --foreground.",
+        description="Mount the image catalog at MOUNTPOINT (default: the config's "
+                    "mountpoint). Returns once the mount is ready (the daemon keeps "
+                    "running) unless --foreground.",
         epilog="--allow-other: a host shared by several users needs an [access] table in "
                "the config (users and groups -> projects, admins, readers; see "
                "docs/access.md); without one, every local user can read every image through "
                "an --allow-other mount.")
     _add_common(mount)
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    mount.add_argument("-o", dest="options", action="append", metavar="KEY[=VALUE],...",
+                       help="any setting by its config key, as mount(8) takes options: "
+                       "-o cache_size=20G,read_timeout=5,allow_other,config=FILE")
     mount.add_argument("--cache-dir", metavar="DIR",
                        help="LMDB cache directory (default: /var/cache/imagefs/<store hash>)")
     mount.add_argument("--cache-size", metavar="SIZE",
@@ -258,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", metavar="FILE",
                        help="daemon log (default: imagefs.log in the cache dir)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    install = top.add_parser(
+        "install", help="install the mount(8) helper and the systemd units",
+        description="Install /sbin/mount.fuse.imagefs and /sbin/mount.imagefs (for mount -t "
+                    "fuse.imagefs and fstab) and imagefs@.service and imagefs.service in "
+                    "/etc/systemd/system, all running this imagefs. Safe to run again: "
+                    "says what it installed, updated or left unchanged.")
+    install.add_argument("--root", metavar="DIR", default="/",
+                         help="install under DIR instead of / (as DESTDIR)")
+    install.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     umount = top.add_parser("umount", help="unmount a mounted catalog")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -281,8 +295,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(getattr(args, "config", None), _overrides(args))
+def _settings(args: argparse.Namespace, options: dict[str, Any] | None = None) -> Settings:
+    """The settings for a command; `options` (mount -o) override its flags."""
+    overrides = _overrides(args)
+    for key, value in (options or {}).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) \
+            else value
+    settings = load_settings(getattr(args, "config", None), overrides)
     if getattr(args, "debug", False):
         settings.log_level = "DEBUG"
     if not settings.store:
@@ -530,8 +549,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from imagefs.mount import mount
+    from imagefs.mount_options import parse_options
 
-    return mount(_settings(args), Path(args.mountpoint), args.ready_fd)
+    options = parse_options(args.options or ())
+    args.config = args.config or options.config
+
+    def settings() -> Settings:  # again at each reload: the config file may have changed
+        return _settings(args, options.overrides)
+
+    first = settings()
+    mountpoint = args.mountpoint or first.mountpoint
+    if mountpoint is None:
+        raise InvalidValue("no mountpoint: give MOUNTPOINT or set mountpoint in the config")
+    return mount(first, Path(mountpoint), args.ready_fd, settings)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from imagefs.install import install
+
+    for line in install(Path(args.root)):
+        print(line)
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -550,7 +588,7 @@ COMMANDS = {
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
     ("cache", "warm"): cmd_cache_warm, ("store", "init"): cmd_store_init,
     ("doctor", None): cmd_doctor,
-    ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+    ("mount", None): cmd_mount, ("umount", None): cmd_umount, ("install", None): cmd_install,
 }
 
 

@@ -74,6 +74,10 @@ class Settings:
     foreground: bool = False
     log_level: str = "INFO"
     log_file: Path | None = None
+    # Where `imagefs mount` mounts without a MOUNTPOINT argument (imagefs@.service).
+    mountpoint: Path | None = None
+    # mount -o ro: the kernel refuses every change (inbox uploads, rm, mv, setfattr).
+    read_only: bool = False
     projects: list[str] = dataclasses.field(default_factory=list)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     # None: no [access] table, so every caller sees everything (docs/access.md).
@@ -165,7 +169,7 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
             continue
         if key in _SIZE_KEYS or key == "part_size":
             value = parse_size(value)
-        elif key in ("cache_dir", "log_file", "spool_dir") and value is not None:
+        elif key in ("cache_dir", "log_file", "spool_dir", "mountpoint") and value is not None:
             value = Path(value)
         setattr(target, key, value)
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from imagefs.mountinfo import is_mounted, mount_at
 from imagefs.namespace import Namespace
 from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.reader import ImageReader
+from imagefs.reload import reload
+from imagefs.sd_notify import notify, reloading
 from imagefs.spool import Spool
 from imagefs.store_init import init_hint
 from imagefs.stores import open_store
@@ -122,16 +125,20 @@ def _setup_logging(settings: Settings, cache_dir: Path, daemonized: bool) -> Non
     root.setLevel(settings.log_level.upper())
 
 
-def mount(settings: Settings, mountpoint: Path, ready_fd: int | None = None) -> int:
-    """`imagefs mount`: daemonize unless --foreground; return once the mount is ready."""
-    check_mountpoint(mountpoint)
-    if not settings.foreground:
-        return _spawn_daemon(mountpoint)
-    daemon = Daemon(settings, mountpoint)
+def mount(settings: Settings, mountpoint: Path, ready_fd: int | None = None,
+          reread: Callable[[], Settings] | None = None) -> int:
+    """`imagefs mount`: daemonize unless --foreground; return once the mount is ready.
+
+    `reread`: the settings as the config file now says, for a reload (SIGHUP).
+    """
     try:
+        check_mountpoint(mountpoint)
+        if not settings.foreground:
+            return _spawn_daemon(mountpoint)
+        daemon = Daemon(settings, mountpoint, reread)
         daemon.prepare(daemonized=ready_fd is not None)
     except ImagefsError as exc:
-        _report_ready(ready_fd, f"ERR {exc}")
+        _failed(ready_fd, str(exc))
         raise
     return daemon.run(ready_fd)
 
@@ -161,6 +168,12 @@ def _spawn_daemon(mountpoint: Path) -> int:
     return 1
 
 
+def _failed(ready_fd: int | None, message: str) -> None:
+    """Why the mount did not come up, for the waiting parent and for systemctl status."""
+    _report_ready(ready_fd, f"ERR {message}")
+    notify(f"STATUS=cannot mount: {message}")
+
+
 def _report_ready(ready_fd: int | None, message: str) -> None:
     if ready_fd is None:
         return
@@ -174,9 +187,11 @@ def _report_ready(ready_fd: int | None, message: str) -> None:
 class Daemon:
     """Owns the parts of one mount and the trio main loop."""
 
-    def __init__(self, settings: Settings, mountpoint: Path) -> None:
+    def __init__(self, settings: Settings, mountpoint: Path,
+                 reread: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self.mountpoint = mountpoint
+        self._reread = reread
         self._locks: list[DirLock] = []
         self._usage: dict[tuple[int, str], Usage] = {}
 
@@ -229,10 +244,11 @@ class Daemon:
                                   settings.read_timeout)
         self.admin = CatalogAdmin(self.catalog_store)
         self.catalog_calls = BlockingCalls(1)
+        self.quotas = Quotas(settings.quotas)
         self.inbox = Inbox(spool, self.catalog_store, settings.block_size,
                            settings.settle_time, on_publish=self.catalog.apply,
                            known_projects=lambda: self.namespace.known_projects(),
-                           quotas=Quotas(settings.quotas), stored=self._stored)
+                           quotas=self.quotas, stored=self._stored)
         configured = [*settings.projects, *(settings.access.projects if settings.access else ())]
         self.namespace = Namespace(lambda: self.catalog.snapshot, self.policy, configured,
                                    self.inbox)
@@ -286,18 +302,24 @@ class Daemon:
             # The rules decide, not mode bits: what a caller may not see must answer
             # ENOENT, and what it may change depends on its projects, not on an owner.
             options.discard("default_permissions")
-        options |= {"fsname=imagefs", "subtype=imagefs", "noatime"}
+        # The source as given (escaped for libfuse's option parser): mount(8) compares it
+        # with fstab's to tell that an entry is mounted (mount -a).
+        fsname = (self.settings.store or "").replace("\\", "\\\\").replace(",", "\\,")
+        options |= {f"fsname={fsname}", "subtype=imagefs", "noatime"}
         if self.settings.allow_other:
             options.add("allow_other")
+        if self.settings.read_only:
+            options.add("ro")
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:
-            _report_ready(ready_fd, f"ERR cannot mount {self.mountpoint}: {exc}")
+            _failed(ready_fd, f"cannot mount {self.mountpoint}: {exc}")
             raise InvalidValue(f"cannot mount {self.mountpoint}: {exc}") from None
         log.info("mounted %s at %s (%d images, cache %s, cap %d bytes)", self.settings.store,
                  self.mountpoint, len(self.catalog.snapshot.images),
                  self.settings.effective_cache_dir(), self.settings.cache_size)
         _report_ready(ready_fd, "OK")
+        notify("READY=1", f"STATUS=mounted {self.settings.store} at {self.mountpoint}")
         try:
             trio.run(self._main)
         finally:
@@ -313,8 +335,11 @@ class Daemon:
             log.info("unmounted %s", self.mountpoint)
         return 0
 
+    def _interval(self) -> float:
+        return self.settings.refresh_interval  # read each round: a reload may change it
+
     async def _main(self) -> None:
-        interval = self.settings.refresh_interval
+        interval = self._interval
         async with trio.open_nursery() as nursery:
             self.reader.start(nursery)
             nursery.start_soon(periodic, "catalog refresh", interval, self._refresh)
@@ -327,6 +352,7 @@ class Daemon:
                                            self.namespace.kernel_cached).run)
             nursery.start_soon(self._signal_loop)
             await pyfuse3.main()
+            notify("STOPPING=1", f"STATUS=unmounting {self.mountpoint}")
             with trio.move_on_after(_DRAIN_TIMEOUT):
                 await self.reader.drain()
             nursery.cancel_scope.cancel()
@@ -361,11 +387,37 @@ class Daemon:
         await trio.to_thread.run_sync(self.env.sync, True)
 
     async def _signal_loop(self) -> None:
+        """SIGTERM and SIGINT unmount; SIGHUP (systemctl reload) re-reads the config."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload()
+                    continue
                 log.info("received %s; unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()
                 return
+
+    def _reload(self) -> None:
+        reloading()
+        try:
+            if self._reread is None:
+                raise InvalidValue("this mount was not started from a config it can re-read")
+            outcome = reload(self, self._reread())
+        except ImagefsError as exc:
+            log.error("reload failed, the running settings stay: %s", exc)
+            status = f"reload failed, the running settings stay: {exc}"
+        except Exception as exc:  # a reload must never take the mount down
+            log.exception("reload failed unexpectedly; the running settings stay")
+            status = f"reload failed, the running settings stay: {exc!r}"
+        else:
+            status = outcome.status()
+            log.info("%s", status)
+            if outcome.remount:
+                log.warning("%s changed in the config but %s only at mount: the running "
+                            "mount keeps the old value until it is remounted (systemctl "
+                            "restart)", ", ".join(outcome.remount),
+                            "takes effect" if len(outcome.remount) == 1 else "take effect")
+        notify("READY=1", f"STATUS={status}")
 
 
 def umount(mountpoint: Path, lazy: bool = False) -> int:

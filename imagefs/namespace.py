@@ -193,6 +193,11 @@ class Namespace:
             self._listings.popitem(last=False)
         return listing
 
+    def reconfigure(self, configured_projects: Iterable[str]) -> None:
+        """A reload changed the access rules or the configured projects: list afresh."""
+        self._configured = tuple(configured_projects)
+        self._listings.clear()
+
     def known_projects(self, snap: Snapshot | None = None) -> set[str]:
         """Owners and members of any image, and configured projects (for the inbox)."""
         known = set(self._configured)

@@ -47,6 +47,10 @@ class Quotas:
     def __init__(self, table: dict[str, Quota]) -> None:
         self._table = dict(table)
 
+    def update(self, table: dict[str, Quota]) -> None:
+        """A reload: the new limits apply to what is written from now on."""
+        self._table = dict(table)
+
     def of(self, project: str) -> Quota:
         return self._table.get(project) or self._table.get("*") or Quota()
 

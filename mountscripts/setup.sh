@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Install imagefs and what it needs on a fresh Debian 12 machine (run as root).
 #   mountscripts/setup.sh          runtime: fuse3, qemu-utils, a venv in .venv
-#   mountscripts/setup.sh --test   also the test tools (pytest, SeaweedFS, xorriso, rsync)
+#   mountscripts/setup.sh --test   also the test tools (pytest, SeaweedFS, xorriso, rsync,
+#                                  systemd for systemd-analyze)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev qemu-utils attr)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev qemu-utils attr mount)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(rsync xorriso libvirt-clients libxml2-utils)  # virt-xml-validate: docs/hypervisors.md
+    # systemd: systemd-analyze verify of the units; libvirt-clients, libxml2-utils:
+    # virt-xml-validate of docs/hypervisors.md
+    packages+=(rsync xorriso systemd libvirt-clients libxml2-utils)
     extras="[test]"
 fi
 

@@ -136,12 +136,18 @@ class Mount:
             "raise SystemExit(main(sys.argv[1:]))"]
         self.tracebacks_expected = False
 
-    def start(self, timeout: float = 30) -> "Mount":
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the daemon without waiting for its mount (`start` waits)."""
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [*self.command, "mount", "--foreground", "--store", self.store.url, "--cache-dir",
              str(self.cache_dir), *self.extra, str(self.path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self.process
+
+    def start(self, timeout: float = 30) -> "Mount":
+        self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while not is_mounted(self.path):
             if self.process.poll() is not None:
