@@ -181,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     setter.add_argument("--remove-tag", action="append", default=[], metavar="TAG")
     setter.add_argument("--json", action="store_true", help="print the image as Glance JSON")
 
+    adopt = verbs.add_parser(
+        "import", help="make every file of a folder or S3 prefix an image (resumable)",
+        description="Create one image per file of SOURCE (a folder, or s3://BUCKET/PREFIX/), "
+                    "named by the file name less a disk-format extension, each detected and "
+                    "checked as `image create` does. Run it again after an interruption: "
+                    "files already imported (recognised by path, size and mtime, or ETag) "
+                    "are skipped. Ends with a summary; exit 1 if a file was refused or failed.")
+    _add_common(adopt)
+    adopt.add_argument("source", metavar="SOURCE", help="a folder, or s3://BUCKET/PREFIX/")
+    adopt.add_argument("--project", required=True, help="owner project")
+    adopt.add_argument("--visibility", choices=VISIBILITIES, default="private")
+    adopt.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
+    adopt.add_argument("--property", action="append", default=[], type=_property,
+                       metavar="KEY=VALUE", help="custom property (repeatable)")
+    adopt.add_argument("--recursive", action="store_true",
+                       help="also files in folders (named by their path, e.g. 'debian/12')")
+    adopt.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="upload N files at a time (default 1)")
+    adopt.add_argument("--dry-run", action="store_true",
+                       help="say what would be imported and skipped; reads no image data, "
+                       "writes nothing")
+
     member = top.add_parser("member", help="share shared-visibility images with projects")
     member_verbs = member.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("add", "invite a project (status pending)"),
@@ -389,6 +411,20 @@ def cmd_image_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_import(args: argparse.Namespace) -> int:
+    from imagefs.importer import ImportOptions, run_import
+
+    if args.jobs < 1:
+        raise InvalidValue(f"--jobs {args.jobs}: give 1 or more")
+    settings = _settings(args)
+    options = ImportOptions(project=args.project, visibility=args.visibility,
+                            tags=tuple(args.tag), properties=dict(args.property),
+                            recursive=args.recursive, jobs=args.jobs, dry_run=args.dry_run)
+    report = run_import(_catalog(settings), settings, args.source, options)
+    print("\n".join(report.lines()))
+    return report.exit_status()
+
+
 def cmd_image_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     grace = settings.delete_grace
@@ -583,6 +619,7 @@ COMMANDS = {
     ("image", "show"): cmd_image_show, ("image", "delete"): cmd_image_delete,
     ("image", "restore"): cmd_image_restore, ("image", "scrub"): cmd_image_scrub,
     ("image", "set"): cmd_image_set, ("image", "deactivate"): cmd_image_status,
+    ("image", "import"): cmd_image_import,
     ("image", "reactivate"): cmd_image_status, ("member", "add"): cmd_member,
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,

@@ -45,6 +45,12 @@ def split_extension(name: str, disk_format: str | None) -> tuple[str, str]:
     return name, ext
 
 
+def is_temporary(name: str) -> bool:
+    """Dotfiles and the names tools write under (`x.part`, `x.tmp`, `x~`): never images,
+    neither in the inbox nor in a bulk import."""
+    return name.startswith(".") or name.endswith((".part", ".tmp", "~"))
+
+
 def image_name(file_name: str) -> str:
     """The image name a file name gives (inbox upload, mv, `image create`).
 

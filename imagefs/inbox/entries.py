@@ -14,6 +14,7 @@ import trio
 
 from imagefs.inbox.streaming import StreamingStage
 from imagefs.inodes import inbox_inode
+from imagefs.naming import is_temporary
 from imagefs.spool import SpoolRecord
 
 ERROR_SUFFIX = ".error"
@@ -22,7 +23,7 @@ _RECENT = 1000  # recent publishes remembered per project, for `imagefs inbox wa
 
 def never_committed(name: str) -> bool:
     """Temporary names that tools use while writing; they never become images."""
-    return name.startswith(".") or name.endswith((".part", ".tmp", "~", ERROR_SUFFIX))
+    return is_temporary(name) or name.endswith(ERROR_SUFFIX)
 
 
 @dataclasses.dataclass
