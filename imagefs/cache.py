@@ -6,6 +6,7 @@ Named databases:
   cmeta   chunk key -> last-use sequence number + size
   lru     sequence number + chunk key -> ''   (oldest first: the eviction order)
   meta    bookkeeping (total cached bytes, next sequence number)
+  pins    image id -> prefix, size, time      (pinned: never evicted; pinning.py)
 Other modules (the catalog index) open their own named databases in the same env.
 
 Every method blocks; the daemon calls them from worker threads, writes under a
@@ -20,7 +21,9 @@ import logging
 import shutil
 import struct
 import threading
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 
@@ -30,7 +33,10 @@ _MAGIC = b"IFC2"
 _HEADER = struct.Struct(">4sI")
 _SEQ = struct.Struct(">Q")
 _CMETA = struct.Struct(">QQ")
-LOW_WATER = 0.9  # evict down to this fraction of the cap, so eviction runs in batches
+LOW_WATER = 0.9  # evict down to this fraction of the room (of the cap less pins)
+PINS_DB = b"pins"  # dropped with the catalog when the cache dir changes store (catalog_index)
+_PIN = struct.Struct(">24sQQ")  # image prefix, image size, when pinned (µs since 1970)
+PREFIX = 24  # bytes of a chunk key that name the image's data: uuid + sha512 prefix
 _CATALOG_ALLOWANCE = 2 << 30
 
 
@@ -56,10 +62,24 @@ def open_environment(path: Path, cache_size: int) -> lmdb.Environment:
         return lmdb.open(str(path / "lmdb"), **kwargs)
 
 
+def image_prefix(image_id: str, os_hash_value: str) -> bytes:
+    """What every chunk key of one image's data starts with: its identity and checksum."""
+    return bytes.fromhex(image_id.replace("-", "")) + bytes.fromhex(os_hash_value[:16])
+
+
 def chunk_key(image_id: str, os_hash_value: str, chunk_size: int, index: int) -> bytes:
     """Identity and checksum of the image, the chunk geometry, and the chunk number."""
-    return (bytes.fromhex(image_id.replace("-", "")) + bytes.fromhex(os_hash_value[:16])
-            + struct.pack(">IQ", chunk_size, index))
+    return image_prefix(image_id, os_hash_value) + struct.pack(">IQ", chunk_size, index)
+
+
+class _NoRoom(Exception):
+    """Everything the cap holds is pinned: the chunk stays uncached."""
+
+
+class Pin(NamedTuple):
+    prefix: bytes  # of the image's chunk keys (image_prefix)
+    size: int
+    since_us: int
 
 
 class ChunkCache:
@@ -70,9 +90,11 @@ class ChunkCache:
         self._cmeta = env.open_db(b"cmeta")
         self._lru = env.open_db(b"lru")
         self._meta = env.open_db(b"meta")
+        self._pins = env.open_db(PINS_DB)
         self._touched: set[bytes] = set()
         self._touched_lock = threading.Lock()
         self.evicted_bytes = 0
+        self._full = False  # of pinned chunks, and said so: once, not once a chunk
 
     # -- reads --------------------------------------------------------------------------
 
@@ -116,6 +138,27 @@ class ChunkCache:
         with self.env.begin() as txn:
             return txn.stat(self._chunks)["entries"]
 
+    def chunks(self, prefix: bytes) -> dict[bytes, int]:
+        """The cached chunks whose keys start with `prefix` (one image's), and their sizes."""
+        found = {}
+        with self.env.begin(db=self._cmeta) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, meta in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found[bytes(key)] = _CMETA.unpack(meta)[1]
+        return found
+
+    def usage(self) -> dict[bytes, int]:
+        """Cached bytes per image prefix: what `imagefs cache status` lists."""
+        used: dict[bytes, int] = {}
+        with self.env.begin(db=self._cmeta) as txn:
+            for key, meta in txn.cursor():
+                prefix = bytes(key[:PREFIX])
+                used[prefix] = used.get(prefix, 0) + _CMETA.unpack(meta)[1]
+        return used
+
     # -- writes -------------------------------------------------------------------------
 
     def put(self, key: bytes, data: bytes) -> None:
@@ -128,10 +171,25 @@ class ChunkCache:
         except lmdb.MapFullError:
             log.warning("cache file is full; evicting harder")
             with self.env.begin(write=True) as txn:
-                self._evict(txn, self.cap // 2)
+                evicted = self._evict(txn, self.cap // 2)
+            self.evicted_bytes += evicted
             self._put(key, value, len(data))
 
     def _put(self, key: bytes, value: bytes, size: int) -> None:
+        try:
+            evicted = self._insert(key, value, size)
+        except _NoRoom:
+            if not self._full:
+                log.warning("the cache is full of pinned chunks (cap %d bytes): other chunks "
+                            "stay uncached until images are unpinned", self.cap)
+            self._full = True
+            return
+        self._full = False
+        self.evicted_bytes += evicted
+
+    def _insert(self, key: bytes, value: bytes, size: int) -> int:
+        """One write: the chunk in, LRU chunks out past the cap; the bytes evicted."""
+        evicted = 0
         with self.env.begin(write=True) as txn:
             total = self._read_counter(txn, b"total")
             old = txn.get(key, db=self._cmeta)
@@ -146,7 +204,16 @@ class ChunkCache:
             total += size
             txn.put(b"total", _SEQ.pack(total), db=self._meta)
             if total > self.cap:
-                self._evict(txn, int(self.cap * LOW_WATER))
+                evicted = self._evict(txn, self._low_water(txn))
+                if self._read_counter(txn, b"total") > self.cap:
+                    raise _NoRoom  # aborts the transaction: nothing changed
+        return evicted
+
+    def _low_water(self, txn: lmdb.Transaction) -> int:
+        """What eviction goes down to: a tenth of the room pins leave is freed at a time
+        (without pins, 90 % of the cap), so eviction runs in batches."""
+        pinned = sum(pin.size for pin in self._pinned(txn).values())
+        return self.cap - int(max(self.cap - pinned, 0) * (1 - LOW_WATER))
 
     def discard(self, key: bytes) -> None:
         with self.env.begin(write=True) as txn:
@@ -173,8 +240,11 @@ class ChunkCache:
                 txn.put(_SEQ.pack(seq) + key, b"", db=self._lru)
                 txn.put(key, _CMETA.pack(seq, size), db=self._cmeta)
 
-    def _evict(self, txn: lmdb.Transaction, target: int) -> None:
+    def _evict(self, txn: lmdb.Transaction, target: int) -> int:
+        """Remove least recently used chunks, never pinned ones, down to `target` bytes;
+        the bytes removed."""
         total = self._read_counter(txn, b"total")
+        pinned = {pin.prefix for pin in self._pinned(txn).values()}
         cursor = txn.cursor(db=self._lru)
         victims = []
         if cursor.first():
@@ -182,11 +252,41 @@ class ChunkCache:
                 if total <= target:
                     break
                 key = bytes(lru_key[_SEQ.size:])
+                if key[:PREFIX] in pinned:
+                    continue
                 meta = txn.get(key, db=self._cmeta)
                 total -= _CMETA.unpack(meta)[1] if meta else 0
                 victims.append(key)
-        for key in victims:
-            self.evicted_bytes += self._remove(txn, key)
+        return sum(self._remove(txn, key) for key in victims)
+
+    def discard_all(self, keys: list[bytes]) -> int:
+        """Drop chunks now (`imagefs cache drop`); the bytes freed."""
+        with self.env.begin(write=True) as txn:
+            return sum(self._remove(txn, key) for key in keys)
+
+    # -- pins ---------------------------------------------------------------------------
+
+    def pin(self, image_id: str, prefix: bytes, size: int) -> None:
+        """Keep the chunks under `prefix` out of eviction from now on, across restarts."""
+        with self.env.begin(write=True, db=self._pins) as txn:
+            txn.put(image_id.encode(), _PIN.pack(prefix, size, time.time_ns() // 1000))
+
+    def unpin(self, image_id: str) -> bool:
+        """Make an image's chunks evictable again; False if it was not pinned."""
+        with self.env.begin(write=True, db=self._pins) as txn:
+            return txn.delete(image_id.encode())
+
+    def pins(self) -> dict[str, Pin]:
+        """Pinned image id -> its pin."""
+        with self.env.begin() as txn:
+            return self._pinned(txn)
+
+    def _pinned(self, txn: lmdb.Transaction) -> dict[str, Pin]:
+        pins = {}
+        for key, value in txn.cursor(db=self._pins):
+            if len(value) == _PIN.size:  # a damaged row pins nothing
+                pins[bytes(key).decode(errors="replace")] = Pin(*_PIN.unpack(value))
+        return pins
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
         meta = txn.get(key, db=self._cmeta)

@@ -13,6 +13,7 @@ import lmdb
 import msgpack
 
 from imagefs import manifest as mf
+from imagefs.cache import PINS_DB
 from imagefs.errors import ManifestDamaged
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,14 @@ class CatalogIndex:
         self._manifests = env.open_db(b"catalog")
         self._blocks = env.open_db(b"blocks")
         self._meta = env.open_db(b"catalog_meta")
+        pins = env.open_db(PINS_DB)
         with env.begin(write=True, db=self._meta) as txn:
             owner = txn.get(b"store")
             if owner is not None and bytes(owner).decode(errors="replace") != store_url:
-                log.warning("cache held the catalog of %s; dropping it for %s",
+                log.warning("cache held the catalog of %s; dropping it and its pins for %s",
                             bytes(owner).decode(errors="replace"), store_url)
                 txn.drop(self._manifests, delete=False)
+                txn.drop(pins, delete=False)  # pins name images of that catalog
                 txn.delete(b"store_id")
                 txn.delete(b"log_position")
             txn.put(b"store", store_url.encode())

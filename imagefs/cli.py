@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "even with the store unreachable, are local. Shows a progress bar.")
     warm.add_argument("files", nargs="+", metavar="FILE")
     warm.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_cache_control(cache_verbs)
 
     store = top.add_parser("store", help="set up a store")
     store_verbs = store.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -542,17 +543,10 @@ def cmd_inbox_wait(args: argparse.Namespace) -> int:
 
 def cmd_cache_warm(args: argparse.Namespace) -> int:
     """Read each image once, then fsync: the mount answers once its chunks are cached."""
+    from imagefs.cache_cli import distinct_images
     from imagefs.progress import progress_bar
 
-    paths = [Path(p) for p in args.files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise InvalidValue(f"not a file: {', '.join(missing)}")
-    # One image is one inode wherever it shows (by-id/, public/, tags/...): read it once.
-    images: dict[tuple[int, int], tuple[Path, int]] = {}
-    for path in paths:
-        st = path.stat()
-        images.setdefault((st.st_dev, st.st_ino), (path, st.st_size))
+    images = distinct_images(args.files)
     total = sum(size for _path, size in images.values())
     with progress_bar(total, "warm cache") as advance:
         for path, _size in images.values():
@@ -565,6 +559,37 @@ def cmd_cache_warm(args: argparse.Namespace) -> int:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     print(f"{len(images)} image{'' if len(images) == 1 else 's'} cached, {total} bytes read")
     return 0
+
+
+# -- cache pin, unpin, drop, status: the daemon's cache, through the mount (pinning.py) ---
+
+def _add_cache_control(verbs: Any) -> None:
+    files = {"pin": "fetch images whole and keep them cached (never evicted), across remounts",
+             "unpin": "let pinned images be evicted again",
+             "drop": "evict images' chunks from the cache now (pinned ones: unpin first)"}
+    for verb, text in files.items():
+        sub = verbs.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}. "
+                               "FILE: images on an imagefs mount (by-id/<id>, public/...). "
+                               "Admins only (without an [access] table: root and the "
+                               "mounting user). See docs/guide.md, Pinning golden images.")
+        sub.add_argument("files", nargs="+", metavar="FILE")
+        sub.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    status = verbs.add_parser(
+        "status", help="cached images, bytes cached and pins; totals against the cap",
+        description="List the images the mount at MOUNTPOINT has cached or pinned, with "
+                    "their size, bytes cached and pin; then cache use, cap, pinned total.")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    status.add_argument("--json", action="store_true", help="print the daemon's JSON")
+    status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def cmd_cache_control(args: argparse.Namespace) -> int:
+    from imagefs import cache_cli
+
+    if args.verb == "status":
+        return cache_cli.status(Path(args.mountpoint), args.json)
+    return {"pin": cache_cli.pin, "unpin": cache_cli.unpin, "drop": cache_cli.drop}[
+        args.verb](args.files)
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:
@@ -624,6 +649,7 @@ COMMANDS = {
     ("member", "set"): cmd_member, ("member", "remove"): cmd_member,
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
     ("cache", "warm"): cmd_cache_warm, ("store", "init"): cmd_store_init,
+    **{("cache", verb): cmd_cache_control for verb in ("pin", "unpin", "drop", "status")},
     ("doctor", None): cmd_doctor,
     ("mount", None): cmd_mount, ("umount", None): cmd_umount, ("install", None): cmd_install,
 }

@@ -32,6 +32,16 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+def format_size(n: float) -> str:
+    """Binary units, as cache_size and spool_size are written: 512B, 77.9G."""
+    unit = "B"
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            break
+        n /= 1024
+    return f"{n:.0f}B" if unit == "B" else f"{n:.1f}{unit}"
+
+
 @dataclasses.dataclass
 class S3Settings:
     """Anything left None falls back to boto3's standard chain (env, profiles, IMDS)."""

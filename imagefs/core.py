@@ -244,8 +244,8 @@ class Filesystem:
 
     # -- metadata -----------------------------------------------------------------------
 
-    def getxattr(self, who: Who, inode: int, key: str) -> bytes:
-        return self.metadata.get(who, self.namespace.resolve(who, inode), key).encode()
+    async def getxattr(self, who: Who, inode: int, key: str) -> bytes:
+        return (await self.metadata.get(who, self.namespace.resolve(who, inode), key)).encode()
 
     def listxattr(self, who: Who, inode: int) -> list[str]:
         return sorted(self.metadata.items(who, self.namespace.resolve(who, inode)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagefs.config import Settings, config_path, load_settings
+from imagefs.config import Settings, config_path, format_size, load_settings
 from imagefs.errors import (
     ImagefsError,
     InvalidValue,
@@ -162,14 +162,14 @@ def directory(what: str, path: Path, need: int) -> list[Check]:
         space = Check("FAIL", what, f"{path}: {existing} is not writable by uid "
                                     f"{os.geteuid()}")
     elif free < MIN_FREE:
-        space = Check("FAIL", what, f"{path}: only {_size(free)} free on its filesystem: "
+        space = Check("FAIL", what, f"{path}: only {format_size(free)} free on its filesystem: "
                                     "make room, or choose another place")
     elif free + _used(path) < need:
-        space = Check("warn", what, f"{path}: {_size(free)} free, but it may grow to "
-                                    f"{_size(need)}: make room, or lower cache_size and "
+        space = Check("warn", what, f"{path}: {format_size(free)} free, but it may grow to "
+                                    f"{format_size(need)}: make room, or lower cache_size and "
                                     "spool_size")
     else:
-        space = Check("ok", what, f"{path}: writable, {_size(free)} free")
+        space = Check("ok", what, f"{path}: writable, {format_size(free)} free")
     return [space, _permissions(what, path)]
 
 
@@ -196,16 +196,6 @@ def _used(path: Path) -> int:
             except OSError:
                 continue
     return total
-
-
-def _size(n: float) -> str:
-    """Binary units, as cache_size and spool_size are written."""
-    unit = "B"
-    for unit in ("B", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            break
-        n /= 1024
-    return f"{n:.0f}B" if unit == "B" else f"{n:.1f}{unit}"
 
 
 # -- the store -----------------------------------------------------------------------------

@@ -97,6 +97,10 @@ class QuotaExceeded(ImagefsError):
     """A project's quota (images, stored bytes, staging bytes) would be exceeded."""
 
 
+class CacheFull(ImagefsError):
+    """Pinning this would leave the cache too little room for everything else."""
+
+
 # The one table: what a FUSE caller sees for each domain error (and its subclasses).
 ERRNO: dict[type[ImagefsError], int] = {
     ImagefsError: errno.EIO,
@@ -116,6 +120,7 @@ ERRNO: dict[type[ImagefsError], int] = {
     ChunkCorrupted: errno.EIO,
     StagingFull: errno.ENOSPC,
     QuotaExceeded: errno.EDQUOT,
+    CacheFull: errno.ENOSPC,
 }
 
 

@@ -199,7 +199,7 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.core.getxattr(await self._who(ctx), inode, _name(name))
+        return await self.core.getxattr(await self._who(ctx), inode, _name(name))
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

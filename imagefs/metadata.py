@@ -5,7 +5,8 @@ Images show their Glance v2 JSON form as `user.glance.<key>` and their members a
 be published with; the root shows the daemon's counters, an inbox folder its recent
 publishes, and every folder the caller's last refusal there (refusals.py). Changes to
 images are gestures (gestures.py), changes to inbox files go to the spool; both ask
-access.py first.
+access.py first. `user.imagefs.cache` (pinning.py) is asked for by name and never
+listed: it is the mount's state, not the image's, and copying tools must not carry it.
 """
 
 from __future__ import annotations
@@ -14,26 +15,31 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from imagefs import xattrs
 from imagefs.access import Policy, Who
 from imagefs.errors import InvalidValue, NoSuchAttribute, NotPermitted, UnsupportedAttribute
 from imagefs.gestures import Gestures
 from imagefs.inbox import Inbox
-from imagefs.namespace import ImageNode, InboxNode, Node
+from imagefs.namespace import FolderNode, ImageNode, InboxNode, Node
+from imagefs.pinning import CacheControl
 from imagefs.records import json_text
 from imagefs.refusals import Refusals
 
 GLANCE = xattrs.GLANCE_PREFIX
+_XATTR_MAX = 65536  # the kernel's limit on an xattr value (XATTR_SIZE_MAX)
 
 
 class Metadata:
     def __init__(self, policy: Policy, inbox: Inbox, gestures: Gestures,
-                 stats: Callable[[], dict[str, Any]],
+                 stats: Callable[[], dict[str, Any]], cache: CacheControl,
                  refusals: Refusals | None = None) -> None:
         self.policy = policy
         self.inbox = inbox
         self.gestures = gestures
         self._stats = stats
+        self.cache = cache
         self.refusals = refusals or Refusals()
 
     def items(self, who: Who, node: Node) -> dict[str, str]:
@@ -55,22 +61,40 @@ class Metadata:
         refused = self.refusals.last(who.uid, node.path)
         if refused is not None:
             items[xattrs.LAST_ERROR] = refused
-        # The counters say how many images there are: admins only.
-        if not node.path and (who.admin or not self.policy.caller_dependent()):
+        if not node.path and self._sees_counters(who):
             items[xattrs.STATS] = json.dumps(self._stats(), sort_keys=True)
         if node.path[:1] == ("inbox",) and len(node.path) == 2:
             published = self.inbox.registry.recently_published(node.path[1])
             items[xattrs.PUBLISHED] = json.dumps(published, sort_keys=True)
         return items
 
-    def get(self, who: Who, node: Node, key: str) -> str:
+    def _sees_counters(self, who: Who) -> bool:
+        """The counters say how many images there are: admins only."""
+        return who.admin or not self.policy.caller_dependent()
+
+    async def get(self, who: Who, node: Node, key: str) -> str:
+        if key == xattrs.CACHE:
+            return _fitting(await self._cache_state(who, node))
         value = self.items(who, node).get(key)
         if value is None:
             raise NoSuchAttribute(f"{key} is not set")
         return value
 
+    async def _cache_state(self, who: Who, node: Node) -> dict[str, Any]:
+        """An image's cache state, or the whole cache's on the root (a scan: a thread)."""
+        if isinstance(node, ImageNode):
+            return await trio.to_thread.run_sync(self.cache.image_state, node.manifest)
+        if isinstance(node, FolderNode) and not node.path and self._sees_counters(who):
+            return await trio.to_thread.run_sync(self.cache.status)
+        raise NoSuchAttribute(f"{xattrs.CACHE} is on images and the mount root")
+
     async def set(self, who: Who, node: Node, key: str, value: bytes) -> None:
         text = _text(value)
+        if key == xattrs.CACHE:
+            if not isinstance(node, ImageNode):
+                raise NotPermitted(f"{xattrs.CACHE} is set on images: pin, unpin or drop")
+            await self.cache.change(who, node.manifest, text.strip())
+            return
         if isinstance(node, ImageNode) and key == xattrs.MEMBERS:
             await self.gestures.set_members(who, node.record, text)
             return
@@ -98,6 +122,19 @@ class Metadata:
             await self.gestures.remove_field(who, node.record, field)
         else:
             raise NotPermitted("folders carry no metadata")
+
+
+def _fitting(state: dict[str, Any]) -> str:
+    """JSON within the kernel's limit on an xattr value: a cache holding more images than
+    fit lists the pinned and the largest, and says how many it left out."""
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"))
+    images = state.get("images", [])
+    while len(text.encode()) > _XATTR_MAX and images:
+        images = images[:len(images) * 3 // 4]
+        text = json.dumps({**state, "images": images,
+                           "images_left_out": len(state["images"]) - len(images)},
+                          sort_keys=True, separators=(",", ":"))
+    return text
 
 
 def _glance_field(key: str) -> str:

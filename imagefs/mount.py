@@ -37,6 +37,7 @@ from imagefs.kernel_cache import KernelCache
 from imagefs.metadata import Metadata
 from imagefs.mountinfo import is_mounted, mount_at
 from imagefs.namespace import Namespace
+from imagefs.pinning import CacheControl
 from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.reader import ImageReader
 from imagefs.reload import reload
@@ -254,8 +255,11 @@ class Daemon:
                                    self.inbox)
         self.gestures = Gestures(self.namespace, self.policy, self.admin, self.catalog,
                                  self.inbox, settings.delete_grace, settings.gesture_timeout)
+        self.cache_control = CacheControl(self.cache, self.reader, self.policy,
+                                          lambda: self.catalog.snapshot.images)
         core = Filesystem(self.namespace, self.policy, self.reader, self.inbox, self.gestures,
-                          Metadata(self.policy, self.inbox, self.gestures, self.stats),
+                          Metadata(self.policy, self.inbox, self.gestures, self.stats,
+                                   self.cache_control),
                           lambda: self.catalog.snapshot.images, (os.getuid(), os.getgid()))
         self.ops = Operations(core, settings.entry_timeout)
 
@@ -346,6 +350,7 @@ class Daemon:
             nursery.start_soon(periodic, "scrubber", interval, self._scrub)
             nursery.start_soon(periodic, "store sweep", _SWEEP_INTERVAL, self._sweep)
             nursery.start_soon(periodic, "cache bookkeeping", _FLUSH_INTERVAL, self._flush)
+            nursery.start_soon(periodic, "cache pins", interval, self.cache_control.keep)
             nursery.start_soon(keep_running, "inbox committer", self.inbox.run)
             nursery.start_soon(keep_running, "kernel cache invalidation",
                                KernelCache(lambda: self.catalog.snapshot,

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -31,6 +32,7 @@ from imagefs.catalog_store import CatalogStore
 from imagefs.errors import ChunkCorrupted, ImagefsError, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _MAX_PENDING_WRITES = 8  # chunks waiting for the LMDB writer; bounds their memory
 _TABLE_CACHE = 128 << 20  # block tables kept in memory: 1 TiB of images at 256 KiB blocks
 _FETCH_ATTEMPTS = 2  # a chunk that fails its hashes is fetched once more (a flipped bit)
@@ -86,6 +88,10 @@ class _ByteLRU:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
+
+    def discard_if(self, doomed: Callable[[Hashable], bool]) -> None:
+        for key in [k for k in self._items if doomed(k)]:
+            self._bytes -= len(self._items.pop(key))
 
     def put(self, key: Hashable, data: bytes) -> None:
         if key in self._items or len(data) > self.capacity:
@@ -166,6 +172,21 @@ class ImageReader:
 
     def geometry(self, manifest: mf.Manifest) -> _Geometry:
         return _Geometry(manifest, self.chunk_size)
+
+    # -- what cache control asks (pinning.py) -------------------------------------------
+
+    async def cache_chunk(self, geo: _Geometry, chunk: int) -> None:
+        """Load one chunk the way a read would, so that it is written to the cache."""
+        table = await self.block_table(geo.manifest)
+        await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
+
+    def forget(self, prefix: bytes) -> None:
+        """Drop an image's verified blocks from memory (its chunks left the cache)."""
+        self._memory.discard_if(lambda key: key[0].startswith(prefix))  # type: ignore[index]
+
+    async def write_cache(self, fn: Callable[..., T], *args: object) -> T:
+        """A blocking cache write, in the one slot LMDB writes share."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._lmdb_write_limiter)
 
     # -- the read path ------------------------------------------------------------------
 

@@ -7,3 +7,5 @@ PUBLISHED = "user.imagefs.published"    # an inbox folder: recent file name -> i
 STATS = "user.imagefs.stats"            # the mount root: the daemon's counters
 MEMBERS = "user.imagefs.members"        # an image: {project: status}; set a JSON list
 LAST_ERROR = "user.imagefs.last_error"  # a folder: why the caller's last change was refused
+CACHE = "user.imagefs.cache"            # an image: its cache state; set pin/unpin/drop.
+                                        # The root: the whole cache (imagefs cache status)
