@@ -73,6 +73,7 @@ class ChunkCache:
         self._touched: set[bytes] = set()
         self._touched_lock = threading.Lock()
         self.evicted_bytes = 0
+        self.evictions = 0  # chunks evicted to stay under the cap
 
     # -- reads --------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class ChunkCache:
                 victims.append(key)
         for key in victims:
             self.evicted_bytes += self._remove(txn, key)
+        self.evictions += len(victims)
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
         meta = txn.get(key, db=self._cmeta)

@@ -257,7 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other local users use the mount (see below)")
     mount.add_argument("--log-file", metavar="FILE",
                        help="daemon log (default: imagefs.log in the cache dir)")
+    mount.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(config: metrics_listen; default off)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    status = top.add_parser(
+        "status", help="how a mount is doing: store, cache, catalog, uploads, errors",
+        description="For MOUNTPOINT, or every imagefs mount on this host: the store, cache "
+                    "use and cap, hit ratio, catalog age and image count, inbox uploads, "
+                    "the daemon's recent errors, its log file and metrics URL. Read from "
+                    "the daemon itself (admins only under an [access] table).")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON: one object for MOUNTPOINT, else a list")
+    status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     umount = top.add_parser("umount", help="unmount a mounted catalog")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -275,6 +289,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "foreground": getattr(args, "foreground", None),
         "allow_other": getattr(args, "allow_other", None),
         "log_file": getattr(args, "log_file", None),
+        "metrics_listen": getattr(args, "metrics_listen", None),
     }
     if getattr(args, "endpoint_url", None):
         overrides["s3"] = {"endpoint_url": args.endpoint_url}
@@ -534,6 +549,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return mount(_settings(args), Path(args.mountpoint), args.ready_fd)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from imagefs.status import run
+
+    return run(args.mountpoint, args.json)
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from imagefs.mount import umount
 
@@ -550,7 +571,7 @@ COMMANDS = {
     ("member", "list"): cmd_member, ("inbox", "wait"): cmd_inbox_wait,
     ("cache", "warm"): cmd_cache_warm, ("store", "init"): cmd_store_init,
     ("doctor", None): cmd_doctor,
-    ("mount", None): cmd_mount, ("umount", None): cmd_umount,
+    ("mount", None): cmd_mount, ("umount", None): cmd_umount, ("status", None): cmd_status,
 }
 
 

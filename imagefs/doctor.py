@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imagefs.config import Settings, config_path, load_settings
+from imagefs.config import format_size as _size
 from imagefs.errors import (
     ImagefsError,
     InvalidValue,
@@ -196,16 +197,6 @@ def _used(path: Path) -> int:
             except OSError:
                 continue
     return total
-
-
-def _size(n: float) -> str:
-    """Binary units, as cache_size and spool_size are written."""
-    unit = "B"
-    for unit in ("B", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            break
-        n /= 1024
-    return f"{n:.0f}B" if unit == "B" else f"{n:.1f}{unit}"
 
 
 # -- the store -----------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Images show their Glance v2 JSON form as `user.glance.<key>` and their members as
 `user.imagefs.members`; inbox files show their upload status and the fields they will
-be published with; the root shows the daemon's counters, an inbox folder its recent
-publishes, and every folder the caller's last refusal there (refusals.py). Changes to
-images are gestures (gestures.py), changes to inbox files go to the spool; both ask
-access.py first.
+be published with; the root shows the daemon's counters and status (what `imagefs
+status` prints), an inbox folder its recent publishes, and every folder the caller's
+last refusal there (refusals.py). Changes to images are gestures (gestures.py), changes
+to inbox files go to the spool; both ask access.py first.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from imagefs.access import Policy, Who
 from imagefs.errors import InvalidValue, NoSuchAttribute, NotPermitted, UnsupportedAttribute
 from imagefs.gestures import Gestures
 from imagefs.inbox import Inbox
-from imagefs.namespace import ImageNode, InboxNode, Node
+from imagefs.namespace import FolderNode, ImageNode, InboxNode, Node
 from imagefs.records import json_text
 from imagefs.refusals import Refusals
 
@@ -28,12 +28,13 @@ GLANCE = xattrs.GLANCE_PREFIX
 
 class Metadata:
     def __init__(self, policy: Policy, inbox: Inbox, gestures: Gestures,
-                 stats: Callable[[], dict[str, Any]],
+                 stats: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  refusals: Refusals | None = None) -> None:
         self.policy = policy
         self.inbox = inbox
         self.gestures = gestures
         self._stats = stats
+        self._status = status
         self.refusals = refusals or Refusals()
 
     def items(self, who: Who, node: Node) -> dict[str, str]:
@@ -55,15 +56,28 @@ class Metadata:
         refused = self.refusals.last(who.uid, node.path)
         if refused is not None:
             items[xattrs.LAST_ERROR] = refused
-        # The counters say how many images there are: admins only.
-        if not node.path and (who.admin or not self.policy.caller_dependent()):
-            items[xattrs.STATS] = json.dumps(self._stats(), sort_keys=True)
+        items.update({k: json.dumps(f(), sort_keys=True)
+                      for k, f in self._daemon(who, node).items()})
         if node.path[:1] == ("inbox",) and len(node.path) == 2:
             published = self.inbox.registry.recently_published(node.path[1])
             items[xattrs.PUBLISHED] = json.dumps(published, sort_keys=True)
         return items
 
+    def _daemon(self, who: Who, node: Node) -> dict[str, Callable[[], dict[str, Any]]]:
+        """The root's counters and status, computed only when read.
+
+        The counters say how many images there are, the status names recent refusals
+        of every caller: admins only.
+        """
+        if not isinstance(node, FolderNode) or node.path or \
+                not (who.admin or not self.policy.caller_dependent()):
+            return {}
+        return {xattrs.STATS: self._stats, xattrs.DAEMON: self._status}
+
     def get(self, who: Who, node: Node, key: str) -> str:
+        daemon = self._daemon(who, node).get(key)
+        if daemon is not None:
+            return json.dumps(daemon(), sort_keys=True)
         value = self.items(who, node).get(key)
         if value is None:
             raise NoSuchAttribute(f"{key} is not set")
