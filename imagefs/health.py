@@ -55,7 +55,8 @@ class RecentErrors(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             when = iso_time(int(record.created * 1e6))
-            self.add(f"{when} {record.levelname} {record.getMessage()}")
+            message = " ".join(record.getMessage().splitlines())
+            self.add(f"{when} {record.levelname} {message}")
         except Exception:  # a logging handler must never raise into the caller
             self.handleError(record)
 

@@ -62,7 +62,7 @@ def run(mountpoint: str | None, as_json: bool) -> int:
             failed.append(f"imagefs: error: {exc}")
     if as_json:
         print(json.dumps(found[0] if mountpoint else found, indent=2, sort_keys=True))
-    else:
+    elif found:
         print("\n\n".join(format_status(doc) for doc in found))
     for line in failed:
         print(line, file=sys.stderr)
@@ -102,7 +102,7 @@ def format_status(doc: dict[str, Any], now: float | None = None) -> str:
         ("staging", f"{format_size(inbox['staging_bytes'])} of "
                     f"{format_size(inbox['staging_cap'])}"),
         ("read errors", ", ".join(f"{n} {e}" for e, n in
-                                  sorted(counters["read_errors"].items())) or "none"),
+                                  sorted(counters["read_errors"].items()) if n) or "none"),
         ("log file", doc["log_file"] or "stderr (a --foreground mount)"),
         ("metrics", doc["metrics_url"] or "off (set metrics_listen)"),
         ("recent errors", "\n".join(doc["recent_errors"]) or "none"),

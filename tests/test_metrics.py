@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -252,3 +253,19 @@ def test_status_human_and_json_on_a_real_mount(file_store, tmp_path):
         run_cli("umount", str(mnt))
     gone = run_cli("status", str(mnt), check=False)
     assert gone.returncode == 1 and f"{mnt} is not an imagefs mount" in gone.stderr
+
+
+def test_status_says_why_a_mount_shows_none(monkeypatch):
+    """What a non-admin meets under an [access] table (the xattr itself: test_access.py),
+    and what a dead daemon's stale mount answers."""
+    from imagefs import status
+    from imagefs.mountinfo import MountEntry
+
+    monkeypatch.setattr(status, "mount_at", lambda p: MountEntry(p, "fuse.imagefs", "imagefs"))
+    for code, says in ((errno.ENODATA, "shows its status to admins only"),
+                       (errno.ENOTCONN, "its daemon died (a stale mount)")):
+        def refuse(path, key, code=code):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(status.os, "getxattr", refuse)
+        with pytest.raises(InvalidValue, match=re.escape(says)):
+            status.read_status("/mnt/images")
