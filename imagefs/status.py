@@ -11,15 +11,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from imagefs import xattrs
 from imagefs.config import format_size
 from imagefs.errors import InvalidValue
 from imagefs.mount import FSTYPE
 from imagefs.mountinfo import mount_at, mounts
+
+ANSWER_WITHIN = 5.0  # seconds a daemon has to show its status; it takes milliseconds
+T = TypeVar("T")
 
 
 def imagefs_mounts() -> list[str]:
@@ -45,9 +51,34 @@ def read_status(mountpoint: str) -> dict[str, Any]:
         raise InvalidValue(f"{mountpoint}: {exc.strerror}") from None
 
 
-def run(mountpoint: str | None, as_json: bool) -> int:
+def within(seconds: float, what: str, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), or InvalidValue if it takes longer than `seconds`.
+
+    Any access to a mount whose daemon is stopped or hung blocks in the kernel; the
+    thread left there must not keep `imagefs status` (and the other mounts) waiting.
+    """
+    answer: queue.Queue[tuple[bool, Any]] = queue.Queue()
+
+    def call() -> None:
+        try:
+            answer.put((True, fn(*args)))
+        except BaseException as exc:
+            answer.put((False, exc))
+
+    threading.Thread(target=call, name=what, daemon=True).start()
+    try:
+        ok, result = answer.get(timeout=seconds)
+    except queue.Empty:
+        raise InvalidValue(f"{what}: the daemon did not answer within {seconds:g}s "
+                           "(stopped or hung? its log may say why)") from None
+    if not ok:
+        raise result
+    return result
+
+
+def run(mountpoint: str | None, as_json: bool, timeout: float = ANSWER_WITHIN) -> int:
     """Print the status of one mount, or of every imagefs mount; 1 if any cannot be read."""
-    targets = [os.path.realpath(mountpoint)] if mountpoint else imagefs_mounts()
+    targets = [os.path.abspath(mountpoint)] if mountpoint else imagefs_mounts()
     if not targets:
         raise InvalidValue("no imagefs mount on this host (mount one: imagefs mount "
                            "--store URL MOUNTPOINT)")
@@ -55,7 +86,7 @@ def run(mountpoint: str | None, as_json: bool) -> int:
     failed = []
     for target in targets:
         try:
-            found.append(read_status(target))
+            found.append(within(timeout, target, read_status, target))
         except InvalidValue as exc:
             if mountpoint:
                 raise
