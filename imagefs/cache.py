@@ -95,6 +95,7 @@ class ChunkCache:
         self._touched_lock = threading.Lock()
         self.evicted_bytes = 0
         self._full = False  # of pinned chunks, and said so: once, not once a chunk
+        self.evictions = 0  # chunks evicted to stay under the cap
 
     # -- reads --------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class ChunkCache:
                 meta = txn.get(key, db=self._cmeta)
                 total -= _CMETA.unpack(meta)[1] if meta else 0
                 victims.append(key)
+        self.evictions += len(victims)
         return sum(self._remove(txn, key) for key in victims)
 
     def discard_all(self, keys: list[bytes]) -> int:

@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other local users use the mount (see below)")
     mount.add_argument("--log-file", metavar="FILE",
                        help="daemon log (default: imagefs.log in the cache dir)")
+    mount.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(config: metrics_listen; default off)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     install = top.add_parser(
@@ -295,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--root", metavar="DIR", default="/",
                          help="install under DIR instead of / (as DESTDIR)")
     install.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    status = top.add_parser(
+        "status", help="how a mount is doing: store, cache, catalog, uploads, errors",
+        description="For MOUNTPOINT, or every imagefs mount on this host: the store, cache "
+                    "use and cap, hit ratio, catalog age and image count, inbox uploads, "
+                    "the daemon's recent errors, its log file and metrics URL. Read from "
+                    "the daemon itself (admins only under an [access] table).")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON: one object for MOUNTPOINT, else a list")
+    status.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     umount = top.add_parser("umount", help="unmount a mounted catalog")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -312,6 +325,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "foreground": getattr(args, "foreground", None),
         "allow_other": getattr(args, "allow_other", None),
         "log_file": getattr(args, "log_file", None),
+        "metrics_listen": getattr(args, "metrics_listen", None),
     }
     if getattr(args, "endpoint_url", None):
         overrides["s3"] = {"endpoint_url": args.endpoint_url}
@@ -633,6 +647,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from imagefs.status import run
+
+    return run(args.mountpoint, args.json)
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from imagefs.mount import umount
 
@@ -652,6 +672,7 @@ COMMANDS = {
     **{("cache", verb): cmd_cache_control for verb in ("pin", "unpin", "drop", "status")},
     ("doctor", None): cmd_doctor,
     ("mount", None): cmd_mount, ("umount", None): cmd_umount, ("install", None): cmd_install,
+    ("status", None): cmd_status,
 }
 
 

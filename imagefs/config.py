@@ -88,6 +88,8 @@ class Settings:
     mountpoint: Path | None = None
     # mount -o ro: the kernel refuses every change (inbox uploads, rm, mv, setfattr).
     read_only: bool = False
+    # "HOST:PORT": serve Prometheus metrics at http://HOST:PORT/metrics (metrics.py).
+    metrics_listen: str | None = None
     projects: list[str] = dataclasses.field(default_factory=list)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     # None: no [access] table, so every caller sees everything (docs/access.md).
@@ -184,6 +186,15 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
         setattr(target, key, value)
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9464', '[::1]:9464', ':9464' (every address) -> (host, port)."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidValue(f"metrics_listen {text!r}: expected HOST:PORT, e.g. "
+                           "127.0.0.1:9464")
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
 def config_path(explicit: str | None) -> Path | None:
     """--config, else $IMAGEFS_CONFIG, else /etc/imagefs/imagefs.toml if it exists."""
     if explicit:
@@ -212,6 +223,8 @@ def load_settings(explicit_config: str | None = None,
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidValue(f"{key} must be a positive number of seconds, not {value!r}")
+    if settings.metrics_listen is not None:
+        listen_address(settings.metrics_listen)
     if settings.block_size <= 0 or settings.chunk_size % settings.block_size:
         raise InvalidValue(f"chunk_size ({settings.chunk_size}) must be a multiple of "
                            f"block_size ({settings.block_size})")

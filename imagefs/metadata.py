@@ -2,11 +2,12 @@
 
 Images show their Glance v2 JSON form as `user.glance.<key>` and their members as
 `user.imagefs.members`; inbox files show their upload status and the fields they will
-be published with; the root shows the daemon's counters, an inbox folder its recent
-publishes, and every folder the caller's last refusal there (refusals.py). Changes to
-images are gestures (gestures.py), changes to inbox files go to the spool; both ask
-access.py first. `user.imagefs.cache` (pinning.py) is asked for by name and never
-listed: it is the mount's state, not the image's, and copying tools must not carry it.
+be published with; the root shows the daemon's counters and status (what `imagefs
+status` prints), an inbox folder its recent publishes, and every folder the caller's
+last refusal there (refusals.py). Changes to images are gestures (gestures.py), changes
+to inbox files go to the spool; both ask access.py first. `user.imagefs.cache`
+(pinning.py) is asked for by name and never listed: it is the mount's state, not the
+image's, and copying tools must not carry it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ _XATTR_MAX = 65536  # the kernel's limit on an xattr value (XATTR_SIZE_MAX)
 
 class Metadata:
     def __init__(self, policy: Policy, inbox: Inbox, gestures: Gestures,
-                 stats: Callable[[], dict[str, Any]], cache: CacheControl,
+                 stats: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
+                 cache: CacheControl,
                  refusals: Refusals | None = None) -> None:
         self.policy = policy
         self.inbox = inbox
         self.gestures = gestures
         self._stats = stats
         self.cache = cache
+        self._status = status
         self.refusals = refusals or Refusals()
 
     def items(self, who: Who, node: Node) -> dict[str, str]:
@@ -61,20 +64,30 @@ class Metadata:
         refused = self.refusals.last(who.uid, node.path)
         if refused is not None:
             items[xattrs.LAST_ERROR] = refused
-        if not node.path and self._sees_counters(who):
-            items[xattrs.STATS] = json.dumps(self._stats(), sort_keys=True)
+        items.update({k: json.dumps(f(), sort_keys=True)
+                      for k, f in self._daemon(who, node).items()})
         if node.path[:1] == ("inbox",) and len(node.path) == 2:
             published = self.inbox.registry.recently_published(node.path[1])
             items[xattrs.PUBLISHED] = json.dumps(published, sort_keys=True)
         return items
 
     def _sees_counters(self, who: Who) -> bool:
-        """The counters say how many images there are: admins only."""
+        """The counters say how many images there are, the status names recent refusals
+        of every caller: admins only."""
         return who.admin or not self.policy.caller_dependent()
+
+    def _daemon(self, who: Who, node: Node) -> dict[str, Callable[[], dict[str, Any]]]:
+        """The root's counters and status, computed only when read."""
+        if not isinstance(node, FolderNode) or node.path or not self._sees_counters(who):
+            return {}
+        return {xattrs.STATS: self._stats, xattrs.DAEMON: self._status}
 
     async def get(self, who: Who, node: Node, key: str) -> str:
         if key == xattrs.CACHE:
             return _fitting(await self._cache_state(who, node))
+        daemon = self._daemon(who, node).get(key)
+        if daemon is not None:
+            return json.dumps(daemon(), sort_keys=True)
         value = self.items(who, node).get(key)
         if value is None:
             raise NoSuchAttribute(f"{key} is not set")

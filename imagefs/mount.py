@@ -17,6 +17,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from imagefs import __version__
 from imagefs.access import GlancePolicy, OpenPolicy, Policy
 from imagefs.admin import PURGEABLE, CatalogAdmin
 from imagefs.background import keep_running, periodic
@@ -32,9 +33,12 @@ from imagefs.errors import (ImagefsError, InvalidValue, StoreNotFound, StoreUnav
 from imagefs.core import Filesystem
 from imagefs.fs import Operations
 from imagefs.gestures import Gestures
+from imagefs.health import Outcomes, RecentErrors
 from imagefs.inbox import Inbox
+from imagefs.inbox.entries import STATES
 from imagefs.kernel_cache import KernelCache
 from imagefs.metadata import Metadata
+from imagefs.metrics import MetricsServer
 from imagefs.mountinfo import is_mounted, mount_at
 from imagefs.namespace import Namespace
 from imagefs.pinning import CacheControl
@@ -42,6 +46,8 @@ from imagefs.quotas import Quotas, Usage, stored_usage
 from imagefs.reader import ImageReader
 from imagefs.reload import reload
 from imagefs.sd_notify import notify, reloading
+from imagefs.records import STATUSES
+from imagefs.refusals import Refusals
 from imagefs.spool import Spool
 from imagefs.store_init import init_hint
 from imagefs.stores import open_store
@@ -105,8 +111,11 @@ def check_mountpoint(path: Path) -> None:
         raise InvalidValue(f"mountpoint {path}: {exc.strerror}") from None
 
 
-def _setup_logging(settings: Settings, cache_dir: Path, daemonized: bool) -> None:
-    """Log to stderr in the foreground; a daemon logs to a file, stray output included."""
+def _setup_logging(settings: Settings, cache_dir: Path, daemonized: bool) -> Path | None:
+    """Log to stderr in the foreground; a daemon logs to a file, stray output included.
+
+    The log file's path, or None for stderr.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -124,6 +133,7 @@ def _setup_logging(settings: Settings, cache_dir: Path, daemonized: bool) -> Non
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    return log_file if daemonized else None
 
 
 def mount(settings: Settings, mountpoint: Path, ready_fd: int | None = None,
@@ -195,6 +205,11 @@ class Daemon:
         self._reread = reread
         self._locks: list[DirLock] = []
         self._usage: dict[tuple[int, str], Usage] = {}
+        self.started = time.time()
+        self.refreshes = Outcomes()
+        self.recent = RecentErrors()
+        self.metrics: MetricsServer | None = None
+        self._token: trio.lowlevel.TrioToken | None = None  # the loop's, once it runs
 
     def _lock(self, directory: Path, purpose: str) -> None:
         lock = DirLock(directory, purpose)
@@ -219,7 +234,8 @@ class Daemon:
             raise InvalidValue(f"spool dir {spool_dir}: {exc.strerror}") from None
         if settings.spool_dir:
             self._lock(spool_dir, "spool dir")
-        _setup_logging(settings, cache_dir, daemonized)
+        self.log_file = _setup_logging(settings, cache_dir, daemonized)
+        logging.getLogger().addHandler(self.recent)
         store = open_store(settings.store or "", settings.s3, settings.read_timeout)
         self.env = open_environment(cache_dir, settings.cache_size)
         self.cache = ChunkCache(self.env, settings.cache_size)
@@ -229,7 +245,8 @@ class Daemon:
         count = self.catalog.load_cached(crashed=self.index.mark_running())
         try:
             store.check()
-            self.catalog.refresh()
+            with self.refreshes.track():
+                self.catalog.refresh()
         except (StoreUnavailable, StoreNotFound, StoreUntrusted) as exc:
             if not count and not isinstance(exc, StoreUntrusted):
                 hint = f"; {init_hint(store.url)}" if isinstance(exc, StoreNotFound) else ""
@@ -259,9 +276,13 @@ class Daemon:
                                           lambda: self.catalog.snapshot.images)
         core = Filesystem(self.namespace, self.policy, self.reader, self.inbox, self.gestures,
                           Metadata(self.policy, self.inbox, self.gestures, self.stats,
-                                   self.cache_control),
+                                   self.status, self.cache_control,
+                                   Refusals(listener=self.recent.add)),
                           lambda: self.catalog.snapshot.images, (os.getuid(), os.getgid()))
         self.ops = Operations(core, settings.entry_timeout)
+        if settings.metrics_listen:
+            self.metrics = MetricsServer(settings.metrics_listen, self._status_now,
+                                         self.reader.fetch_seconds)
 
     def _policy(self) -> Policy:
         """Glance's rules with an [access] table; without one, what imagefs always did."""
@@ -294,11 +315,63 @@ class Daemon:
         calls = (self.reader.store_calls, self.gestures.store_calls, self.catalog_calls)
         return {**self.reader.stats.as_dict(), "cache_bytes": self.cache.total_bytes(),
                 "cache_cap": self.cache.cap, "evicted_bytes": self.cache.evicted_bytes,
+                "evictions": self.cache.evictions,
                 "images": len(self.catalog.snapshot.images),
                 "catalog_generation": self.catalog.snapshot.generation,
                 "store_timeouts": sum(c.timeouts for c in calls),
                 "stuck_threads": sum(c.stuck for c in calls),
                 "abandoned_threads": sum(c.abandoned for c in calls)}
+
+    def status(self) -> dict[str, Any]:
+        """What `imagefs status` shows (user.imagefs.daemon) and metrics export.
+
+        Read on the trio thread, which owns the inbox and the counters.
+        """
+        counters = self.stats()
+        by_status = dict.fromkeys(STATUSES, 0)
+        for manifest in self.catalog.snapshot.images.values():
+            by_status[manifest.record.status] = by_status.get(manifest.record.status, 0) + 1
+        by_state = dict.fromkeys(STATES, 0)
+        for entry in self.inbox.registry.all():
+            by_state[entry.status] += 1
+        read, fetched = counters["read_bytes"], counters["store_bytes"]
+        committer, refreshes = self.inbox.committer, self.refreshes
+        return {
+            "mountpoint": str(self.mountpoint), "store": self.catalog_store.store.url,
+            "version": __version__, "pid": os.getpid(), "started": self.started,
+            "log_file": str(self.log_file) if self.log_file else None,
+            "metrics_url": self.metrics.url if self.metrics else None,
+            "cache": {"dir": str(self.settings.effective_cache_dir()),
+                      "bytes": counters["cache_bytes"], "cap": counters["cache_cap"],
+                      # Of the bytes returned to readers, the share not fetched for them
+                      # (prefetch may fetch more than is read: never below 0).
+                      "hit_ratio": max(1 - fetched / read, 0.0) if read else None},
+            "catalog": {"images": counters["images"], "by_status": by_status,
+                        "last_refresh": refreshes.last_success,
+                        "refresh_age": time.time() - (refreshes.last_success or self.started),
+                        "refreshes": refreshes.succeeded, "refresh_failures": refreshes.failed,
+                        "last_refresh_error": refreshes.last_error},
+            "inbox": {"by_state": by_state,
+                      "in_flight": by_state["inspecting"] + by_state["uploading"],
+                      "published": committer.published,
+                      "published_bytes": committer.published_bytes,
+                      "failed": committer.failed, "retried": committer.retried,
+                      "staging_bytes": self.inbox.spool.used,
+                      "staging_cap": self.inbox.spool.limit},
+            "recent_errors": self.recent.lines(),
+            "counters": counters,
+        }
+
+    def _status_now(self) -> dict[str, Any] | None:
+        """The status for a scrape, which runs in a metrics server thread: read on the
+        trio thread once the loop runs; None once it has ended (unmounting)."""
+        token = self._token
+        if token is None:
+            return self.status()
+        try:
+            return trio.from_thread.run_sync(self.status, trio_token=token)
+        except trio.RunFinishedError:
+            return None
 
     def run(self, ready_fd: int | None) -> int:
         options = set(pyfuse3.default_options)
@@ -317,6 +390,8 @@ class Daemon:
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:
+            if self.metrics:
+                self.metrics.close()
             _failed(ready_fd, f"cannot mount {self.mountpoint}: {exc}")
             raise InvalidValue(f"cannot mount {self.mountpoint}: {exc}") from None
         log.info("mounted %s at %s (%d images, cache %s, cap %d bytes)", self.settings.store,
@@ -328,6 +403,8 @@ class Daemon:
             trio.run(self._main)
         finally:
             pyfuse3.close(unmount=True)  # even after a crash: never leave a stale mount
+            if self.metrics:
+                self.metrics.close()
             # Only abandoned store calls can still be running, and none touches LMDB.
             self.cache.flush_touches()
             self.index.mark_stopped()
@@ -344,6 +421,7 @@ class Daemon:
 
     async def _main(self) -> None:
         interval = self._interval
+        self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self.reader.start(nursery)
             nursery.start_soon(periodic, "catalog refresh", interval, self._refresh)
@@ -363,9 +441,10 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     async def _refresh(self) -> None:
-        changes = await self.catalog_calls.run(self.catalog.fetch_changes,
-                                               timeout=_REFRESH_TIMEOUT, what="catalog refresh")
-        await trio.to_thread.run_sync(self.catalog.apply_changes, changes)
+        with self.refreshes.track():
+            changes = await self.catalog_calls.run(
+                self.catalog.fetch_changes, timeout=_REFRESH_TIMEOUT, what="catalog refresh")
+            await trio.to_thread.run_sync(self.catalog.apply_changes, changes)
         await self.catalog_calls.run(self.catalog.compact, timeout=_REFRESH_TIMEOUT,
                                      what="catalog snapshot")
 

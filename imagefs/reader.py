@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
+from prometheus_client import Histogram
 
 from imagefs import manifest as mf
 from imagefs.blocking import BlockingCalls
 from imagefs.cache import ChunkCache, chunk_key
 from imagefs.catalog_index import CatalogIndex
 from imagefs.catalog_store import CatalogStore
-from imagefs.errors import ChunkCorrupted, ImagefsError, StoreError, StoreUnavailable
+from imagefs.errors import (ChunkCorrupted, ImagefsError, StoreError, StoreUnavailable,
+                            errno_name)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,16 +46,24 @@ _STORE_SHARE = 0.9  # of read_timeout: a stalled fetch gives up just before the 
 
 @dataclass
 class ReadStats:
+    """Counters of the read path. A memory miss looks in LMDB; an LMDB miss (or a
+    damaged entry) fetches the chunk from the store."""
+
+    read_bytes: int = 0  # returned to readers; with store_bytes, the hit ratio by bytes
     store_requests: int = 0
     store_bytes: int = 0
     lmdb_hits: int = 0
+    lmdb_misses: int = 0
     memory_hits: int = 0
+    memory_misses: int = 0
     corrupt_chunks: int = 0
     damaged_cache_entries: int = 0
     read_timeouts: int = 0
+    # By errno name; EIO (what store trouble answers) is there from the start, at 0.
+    read_errors: dict[str, int] = field(default_factory=lambda: {"EIO": 0})
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def as_dict(self) -> dict[str, int | dict[str, int]]:
+        return {**self.__dict__, "read_errors": dict(self.read_errors)}
 
 
 @dataclass
@@ -149,6 +159,10 @@ class ImageReader:
         self.prefetch_max = prefetch_max
         self.read_timeout = read_timeout
         self.stats = ReadStats()
+        # Registered by the daemon's metrics (metrics.py), if it serves them.
+        self.fetch_seconds = Histogram("imagefs_store_fetch_seconds", "Time a chunk fetch "
+                                       "from the store took, failed ones included",
+                                       registry=None)
         self.store_calls = BlockingCalls(store_limit)
         self._memory = _ByteLRU(memory_cache)
         self._tables = _ByteLRU(_TABLE_CACHE)
@@ -193,13 +207,20 @@ class ImageReader:
     async def read(self, manifest: mf.Manifest, offset: int, size: int,
                    stream: Stream | None = None) -> bytes:
         """Verified bytes, or StoreUnavailable once `read_timeout` has passed."""
-        with trio.move_on_after(self.read_timeout):
-            return await self._read(manifest, offset, size, stream)
-        self.stats.read_timeouts += 1
-        log.warning("read of image %s at %d answered EIO: the store did not deliver within "
-                    "%gs", manifest.record.id, offset, self.read_timeout)
-        raise StoreUnavailable(f"image {manifest.record.id}: no data from the store within "
-                               f"{self.read_timeout:g}s")
+        try:
+            with trio.move_on_after(self.read_timeout):
+                data = await self._read(manifest, offset, size, stream)
+                self.stats.read_bytes += len(data)
+                return data
+            self.stats.read_timeouts += 1
+            log.warning("read of image %s at %d answered EIO: the store did not deliver "
+                        "within %gs", manifest.record.id, offset, self.read_timeout)
+            raise StoreUnavailable(f"image {manifest.record.id}: no data from the store "
+                                   f"within {self.read_timeout:g}s")
+        except Exception as exc:
+            name = errno_name(exc)
+            self.stats.read_errors[name] = self.stats.read_errors.get(name, 0) + 1
+            raise
 
     async def _read(self, manifest: mf.Manifest, offset: int, size: int,
                     stream: Stream | None) -> bytes:
@@ -223,6 +244,7 @@ class ImageReader:
         if data is not None:
             self.stats.memory_hits += 1
             return data
+        self.stats.memory_misses += 1
         return await self._single_flight(key, self._load_block, geo, block)
 
     async def _single_flight(self, key: object, load, *args) -> bytes:  # type: ignore[no-untyped-def]
@@ -255,6 +277,10 @@ class ImageReader:
             self.stats.lmdb_hits += 1
             self._memory.put((geo.key(chunk), block), cached)
             return cached
+        # Its chunk may have come in (a prefetch) while LMDB was looked at: no second fetch.
+        fetched = self._memory.get((geo.key(chunk), block))
+        if fetched is not None:
+            return fetched
         # A miss, or a damaged block: the chunk path reports, drops and refetches it.
         blocks = await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
         return blocks[start:start + length]
@@ -267,6 +293,7 @@ class ImageReader:
             self.stats.lmdb_hits += 1
             self._remember(geo, chunk, cached)
             return cached
+        self.stats.lmdb_misses += 1
         if cached is not None:
             self.stats.damaged_cache_entries += 1
             log.error("cached block %d of image %s failed verification; refetching",
@@ -324,10 +351,12 @@ class ImageReader:
     async def _fetch_verified(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
         image_id = geo.manifest.record.id
         for attempt in range(_FETCH_ATTEMPTS):
-            data = await self.store_calls.run(
-                self.catalog_store.store.get_range, mf.data_key(image_id), chunk * geo.chunk,
-                geo.chunk_length(chunk), timeout=self.read_timeout * _STORE_SHARE,
-                what=f"chunk {chunk} of image {image_id}")
+            with self.fetch_seconds.time():
+                data = await self.store_calls.run(
+                    self.catalog_store.store.get_range, mf.data_key(image_id),
+                    chunk * geo.chunk, geo.chunk_length(chunk),
+                    timeout=self.read_timeout * _STORE_SHARE,
+                    what=f"chunk {chunk} of image {image_id}")
             self.stats.store_requests += 1
             self.stats.store_bytes += len(data)
             bad = await trio.to_thread.run_sync(self._first_bad_block, geo, chunk, table,

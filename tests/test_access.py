@@ -347,6 +347,16 @@ def test_the_reader_role_opens_by_id_and_lists_nothing(world):
     assert info.returncode == 0 and json.loads(info.stdout)["format"] == "raw", info.stderr
 
 
+def test_the_daemon_counters_and_status_are_for_admins_only(world):
+    """They count every project's images and name every caller's refusals."""
+    mount, _store, _ids = world
+    ops = [["getfattr", str(mount.path), key]
+           for key in ("user.imagefs.stats", "user.imagefs.daemon")]
+    for user in ("alice", "mallory", "qemu"):
+        assert run_as(user, ops) == ["ENODATA", "ENODATA"], user
+    assert run_as("carol", ops) == ["ok", "ok"]
+
+
 def test_quotas_stop_one_project_filling_the_store(unix_users, tmp_path):
     quotas = '[quotas.acme]\nimages = 2\nstored = "3M"\n[quotas.beta]\nstaging = "1M"\n'
     with shared_host(BASE + ACCESS + quotas) as (root, store, config):

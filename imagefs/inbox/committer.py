@@ -57,6 +57,11 @@ class Committer:
         self.settle_time = settle_time
         self._on_publish = on_publish
         self._uploads = trio.CapacityLimiter(_UPLOADS)
+        # Since the daemon started, for `imagefs status` and metrics.
+        self.published = 0  # images published
+        self.published_bytes = 0
+        self.failed = 0  # uploads reported as <name>.error
+        self.retried = 0  # attempts that failed on store or disk trouble, to be tried again
 
     async def run(self) -> None:
         """Start the work each settled entry is due for, forever."""
@@ -124,6 +129,7 @@ class Committer:
                 await self._fail(entry, f"its staged copy on this host cannot be read ({exc})")
                 return
             delay = UPLOAD_RETRY.delay(entry.attempts - 1)
+            self.retried += 1
             log.warning("%s: upload failed (%s); retrying in %.0fs (attempt %d)", name, exc,
                         delay, entry.attempts)
             entry.state = "settling"
@@ -135,6 +141,8 @@ class Committer:
                                     "log has the details")
             return
         await trio.to_thread.run_sync(self._on_publish, manifest)
+        self.published += 1
+        self.published_bytes += manifest.record.size or 0
         self.registry.note_published(entry.record.project, entry.record.name,
                                      manifest.record.id)
         await self.files.discard(entry)
@@ -184,6 +192,7 @@ class Committer:
         again at the next start). On a full spool disk the entry's data goes first to
         make room; a report that still cannot be saved is shown until the daemon stops.
         """
+        self.failed += 1
         name = entry.record.name + ERROR_SUFFIX
         old = self.registry.lookup(entry.record.project, name)
         if old is not None:

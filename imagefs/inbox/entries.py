@@ -18,6 +18,9 @@ from imagefs.naming import is_temporary
 from imagefs.spool import SpoolRecord
 
 ERROR_SUFFIX = ".error"
+# What an entry's status says (user.imagefs.status): settling -> inspecting ->
+# uploading -> gone, or failed; writing while a writer has it open.
+STATES = ("writing", "settling", "inspecting", "uploading", "failed")
 _RECENT = 1000  # recent publishes remembered per project, for `imagefs inbox wait`
 
 
