@@ -1097,7 +1097,7 @@ POINTS = [
     Point("setfattr: manifest saved, before its change log entry",
           Trap("imagefs.change_log:ChangeLog.append",
                within="imagefs.catalog_store:CatalogStore.save"),
-          gesture(set_color, color_is, True), quick_s3=True),
+          gesture(set_color, color_is, True)),
     Point("mv (rename): saved, before the catalog applies it",
           Trap("imagefs.catalog:Catalog.apply"), gesture(rename_alpha, renamed, True)),
     Point("mv (visibility): inside the catalog index update",

@@ -31,7 +31,7 @@ from imagefs.stores.file import FileStore
 from test_inspect import gpt_disk, iso_image, qemu_image
 
 KiB, MiB = 1 << 10, 1 << 20
-QUICK_EXAMPLES, LONG_EXAMPLES = 150, 1500
+QUICK_EXAMPLES, LONG_EXAMPLES = 100, 1500
 BLOCK_SIZE = 256 * KiB
 T = TypeVar("T")
 

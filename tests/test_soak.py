@@ -1,6 +1,6 @@
 """Soak: readers, uploads and gestures at once, on a cache smaller than the working set.
 
-The reliability issue's acceptance test. For a while (IMAGEFS_SOAK_SECONDS; 40 s, or
+The reliability issue's acceptance test. For a while (IMAGEFS_SOAK_SECONDS; 25 s, or
 300 s per store with IMAGEFS_LONG=1) one mount serves 16 reader threads — half reading
 whole images front to back in 1 MiB reads, half reading 4 KiB..256 KiB at random
 offsets — while two uploaders copy new images into the inbox and a gesture thread sets
@@ -49,7 +49,7 @@ from imagefs.naming import image_name
 MiB = 1 << 20
 KiB = 1 << 10
 
-SECONDS = float(os.environ.get("IMAGEFS_SOAK_SECONDS") or (300 if LONG else 40))
+SECONDS = float(os.environ.get("IMAGEFS_SOAK_SECONDS") or (300 if LONG else 25))
 BASE_SIZES_MIB = [16, 20, 24, 28, 32, 36, 40, 60]  # 256 MiB of images before any upload
 CACHE_SIZE = 64 * MiB  # a quarter of the working set, which uploads only grow
 MEMORY_CACHE = 16 * MiB
