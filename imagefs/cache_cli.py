@@ -152,7 +152,7 @@ def status(mountpoint: Path, as_json: bool) -> int:
     try:
         raw = os.getxattr(mountpoint, xattrs.CACHE)
     except OSError as exc:
-        from imagefs.mount import FSTYPE
+        from imagefs.mountpoint import FSTYPE
 
         mounted = mount_at(mountpoint)
         if mounted is None or mounted.fstype != FSTYPE:

@@ -654,7 +654,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from imagefs.mount import umount
+    from imagefs.mountpoint import umount
 
     return umount(Path(args.mountpoint), args.lazy)
 

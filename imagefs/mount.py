@@ -1,13 +1,14 @@
-"""Mount lifecycle: checks, daemonizing, wiring the parts, refresh loop, clean unmount."""
+"""The daemon of one mount: wiring the parts, the trio main loop, background tasks, reload.
+
+mountpoint.py checks and unmounts mountpoints; daemonize.py runs the daemon in the
+background and waits for its ready report.
+"""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from imagefs.inbox.entries import STATES
 from imagefs.kernel_cache import KernelCache
 from imagefs.metadata import Metadata
 from imagefs.metrics import MetricsServer
-from imagefs.mountinfo import is_mounted, mount_at
+from imagefs.daemonize import failed, report_ready, spawn_daemon
+from imagefs.mountpoint import check_mountpoint
 from imagefs.namespace import Namespace
 from imagefs.pinning import CacheControl
 from imagefs.quotas import Quotas, Usage, stored_usage
@@ -58,57 +60,6 @@ _DRAIN_TIMEOUT = 10.0  # at unmount, how long to wait for chunks still being cac
 _REFRESH_TIMEOUT = 120.0  # a refresh stuck longer (a hung NFS store) is abandoned
 _SWEEP_INTERVAL = 6 * 3600.0  # how often leftovers of crashes are looked for in the store
 _SWEEP_AGE = 86400.0  # objects no manifest names are removed once this old
-FSTYPE = "fuse.imagefs"
-
-
-def _alive(path: Path) -> bool:
-    """False for a FUSE mount whose daemon died (the kernel answers ENOTCONN).
-
-    statfs, not stat: the kernel answers stat from its attribute cache for a while after
-    the daemon died, but always forwards statfs.
-    """
-    try:
-        os.statvfs(path)
-        return True
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return False
-        raise
-
-
-def _detach(path: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", "-z"] if tool else ["umount", "-l"]
-    result = subprocess.run([*command, str(path)], capture_output=True, text=True)
-    if result.returncode:
-        reason = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise InvalidValue(f"{path} is a stale mount and cleaning it up failed: {reason}")
-
-
-def check_mountpoint(path: Path) -> None:
-    """Refuse a mountpoint that is missing, not a folder, busy or already mounted.
-
-    A stale imagefs mount (its daemon was killed) is cleaned up instead: a restart, by
-    hand or by systemd, must not need an operator first.
-    """
-    try:
-        mounted = mount_at(path)
-        if mounted is not None:
-            if _alive(path):
-                raise InvalidValue(f"{path} is already a mountpoint (unmount it first: "
-                                   f"imagefs umount {path})")
-            if mounted.fstype != FSTYPE:
-                raise InvalidValue(f"{path} is a stale {mounted.fstype} mount (its daemon "
-                                   f"died); clean it up with: umount -l {path}")
-            _detach(path)
-            log.warning("cleaned up the stale mount at %s left by a daemon that died", path)
-        if not path.is_dir():
-            raise InvalidValue(f"mountpoint {path} does not exist or is not a directory "
-                               f"(create it: mkdir -p {path})")
-        if any(os.scandir(path)):
-            raise InvalidValue(f"mountpoint {path} is not empty")
-    except OSError as exc:
-        raise InvalidValue(f"mountpoint {path}: {exc.strerror}") from None
 
 
 def _setup_logging(settings: Settings, cache_dir: Path, daemonized: bool) -> Path | None:
@@ -145,54 +96,13 @@ def mount(settings: Settings, mountpoint: Path, ready_fd: int | None = None,
     try:
         check_mountpoint(mountpoint)
         if not settings.foreground:
-            return _spawn_daemon(mountpoint)
+            return spawn_daemon()
         daemon = Daemon(settings, mountpoint, reread)
         daemon.prepare(daemonized=ready_fd is not None)
     except ImagefsError as exc:
-        _failed(ready_fd, str(exc))
+        failed(ready_fd, str(exc))
         raise
     return daemon.run(ready_fd)
-
-
-def _spawn_daemon(mountpoint: Path) -> int:
-    """Re-run ourselves in the foreground in a new session; wait for its ready report."""
-    read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "imagefs", *sys.argv[1:], "--foreground",
-            "--ready-fd", str(write_fd)]
-    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
-        child = subprocess.Popen(argv, stdin=devnull_in, stdout=devnull_out,
-                                 stderr=subprocess.PIPE, pass_fds=(write_fd,),
-                                 start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        report = pipe.read().decode(errors="replace").strip()
-    if report == "OK":
-        assert child.stderr is not None
-        child.stderr.close()
-        return 0
-    child.wait(timeout=30)
-    assert child.stderr is not None
-    err = child.stderr.read().decode(errors="replace").strip()
-    message = report[4:] if report.startswith("ERR ") else (err.splitlines() or
-                                                            ["daemon exited early"])[-1]
-    print(f"imagefs: error: {message.removeprefix('imagefs: error: ')}", file=sys.stderr)
-    return 1
-
-
-def _failed(ready_fd: int | None, message: str) -> None:
-    """Why the mount did not come up, for the waiting parent and for systemctl status."""
-    _report_ready(ready_fd, f"ERR {message}")
-    notify(f"STATUS=cannot mount: {message}")
-
-
-def _report_ready(ready_fd: int | None, message: str) -> None:
-    if ready_fd is None:
-        return
-    try:
-        os.write(ready_fd, message.encode() + b"\n")
-        os.close(ready_fd)
-    except OSError:
-        pass
 
 
 class Daemon:
@@ -392,12 +302,12 @@ class Daemon:
         except RuntimeError as exc:
             if self.metrics:
                 self.metrics.close()
-            _failed(ready_fd, f"cannot mount {self.mountpoint}: {exc}")
+            failed(ready_fd, f"cannot mount {self.mountpoint}: {exc}")
             raise InvalidValue(f"cannot mount {self.mountpoint}: {exc}") from None
         log.info("mounted %s at %s (%d images, cache %s, cap %d bytes)", self.settings.store,
                  self.mountpoint, len(self.catalog.snapshot.images),
                  self.settings.effective_cache_dir(), self.settings.cache_size)
-        _report_ready(ready_fd, "OK")
+        report_ready(ready_fd, "OK")
         notify("READY=1", f"STATUS=mounted {self.settings.store} at {self.mountpoint}")
         try:
             trio.run(self._main)
@@ -502,22 +412,3 @@ class Daemon:
                             "restart)", ", ".join(outcome.remount),
                             "takes effect" if len(outcome.remount) == 1 else "take effect")
         notify("READY=1", f"STATUS={status}")
-
-
-def umount(mountpoint: Path, lazy: bool = False) -> int:
-    """`imagefs umount`: unmount and wait (bounded) for the mount to disappear."""
-    if not is_mounted(mountpoint):
-        raise InvalidValue(f"{mountpoint} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u"] if tool else ["umount"]
-    if lazy:
-        command.append("-z")
-    result = subprocess.run([*command, str(mountpoint)], capture_output=True, text=True)
-    if result.returncode:
-        reason = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise InvalidValue(f"cannot unmount {mountpoint}: {reason} (is a file still open? "
-                           "try --lazy)")
-    deadline = time.monotonic() + 10
-    while is_mounted(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return 0

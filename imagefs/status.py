@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from imagefs import xattrs
 from imagefs.config import format_size
 from imagefs.errors import InvalidValue
-from imagefs.mount import FSTYPE
+from imagefs.mountpoint import FSTYPE
 from imagefs.mountinfo import mount_at, mounts
 
 ANSWER_WITHIN = 5.0  # seconds a daemon has to show its status; it takes milliseconds
