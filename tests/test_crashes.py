@@ -1013,7 +1013,7 @@ POINTS = [
     Point("read: chunk fetched and verified, before it is cached",
           Trap(f"{C}.put", nth=2), reading),
     Point("read: inside the LMDB write transaction of a chunk",
-          Trap(f"{C}._next_seq", nth=3, within=f"{C}._put"), reading, quick_s3=True),
+          Trap(f"{C}._next_seq", nth=3, within=f"{C}._put"), reading),
     Point("read: chunk written to LMDB, before the env is synced",
           Trap(f"{C}.put", "after", nth=4), reading),
     Point("read: block table fetched, before it is cached",
@@ -1028,7 +1028,7 @@ POINTS = [
           Trap(f"{C}._evict"), reading, settings=SMALL_CACHE),
     Point("evict: between two victims of one eviction",
           Trap(f"{C}._remove", "after", within=f"{C}._evict"), reading,
-          settings=SMALL_CACHE, quick_s3=True),
+          settings=SMALL_CACHE),
     Point("evict: an eviction done, its transaction not yet committed",
           Trap(f"{C}._evict", "after", nth=2), reading, settings=SMALL_CACHE),
     # -- uploads --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGEFS, make_file, need
+from conftest import LONG, IMAGEFS, make_file, need
 from imagefs.catalog_store import CatalogStore
 from imagefs.config import Settings
 from imagefs.errors import StoreUnavailable
@@ -116,7 +116,10 @@ ARGS = ("image", "import", "--project", "acme", "--visibility", "community", "--
         "adopted", "--property", "os_distro=debian")
 
 
-def test_import_a_folder_of_mixed_files(store, tmp_path):
+@pytest.mark.parametrize("kind", ["file", "s3"] if LONG else ["file"])
+def test_import_a_folder_of_mixed_files(kind, request, tmp_path):
+    """On S3 with IMAGEFS_LONG=1; the default suite covers S3 with the prefix import."""
+    store = request.getfixturevalue(f"{kind}_store")
     formats = make_folder(tmp_path / "images")
     src = tmp_path / "images"
     first = store.cli(*ARGS, str(src), check=False)
