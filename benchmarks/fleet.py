@@ -59,6 +59,7 @@ class Bench:
     def __init__(self, server: SeaweedServer, work: Path) -> None:
         self.server = server
         self.work = work
+        self.hosts: dict[str, tuple[subprocess.Popen, Path]] = {}  # mounted, by name
 
     def bucket(self) -> str:
         name = f"b-{uuid.uuid4().hex[:10]}"
@@ -160,7 +161,7 @@ def refresh_costs(bench: Bench, size: int, idle: float) -> dict[str, object]:
         (ready, listing), spent = bench.counted(bucket, start)
         return ready, listing, spent
 
-    bench.hosts = {}
+    bench.hosts.clear()
     row["first_host"] = new_host("first")  # no snapshot yet: lists every manifest
     daemon, mnt = bench.hosts["first"]
     # it writes a catalog snapshot after its first refresh (>= 1000 entries in the log)

@@ -55,17 +55,7 @@ class CatalogStore:
 
     def load_many(self, image_ids: Iterable[str]) -> dict[str, mf.Manifest]:
         """Fetch manifests in parallel; a damaged or vanished one is logged and skipped."""
-
-        def fetch(image_id: str) -> mf.Manifest | None:
-            try:
-                return self.load(image_id)
-            except ImageNotFound:
-                return None
-            except ManifestDamaged as exc:
-                log.error("%s; the image is left out of the catalog", exc)
-                return None
-
-        return parallel(fetch, image_ids)
+        return {i: manifest for i, (_etag, manifest) in self.load_versions(image_ids)[0].items()}
 
     def load_versions(self, image_ids: Iterable[str]) -> tuple[dict[str, Versioned], list[str]]:
         """Fetch manifests with their etags, in parallel: (found, ids the store says are
