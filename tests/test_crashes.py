@@ -1120,7 +1120,7 @@ POINTS = [
           refreshing(delete_beta, beta_gone), settings={"refresh_interval": 0.3}),
     Point("refresh: a changed manifest fetched, before it is applied",
           Trap("imagefs.catalog_store:CatalogStore.load_versions", "after",
-               cond="list(args[1])"),
+               cond="list(args[1])", within="imagefs.catalog:Catalog._from_entries"),
           refreshing(rename_beta, beta_renamed), settings={"refresh_interval": 0.3}),
     Point("scrub: manifest purged, its data not",
           Trap("{store}.delete", "after", within="imagefs.catalog_store:CatalogStore.delete"),
