@@ -1,18 +1,30 @@
-"""The local LMDB cache: data chunks under a hard size cap with LRU eviction.
+"""The local LMDB cache: data chunks under a hard size cap, scan-resistant eviction.
 
 One environment per cache dir (py-lmdb's rule: one Environment per path per process).
 Named databases:
-  chunks  chunk key -> header + data      header = magic, length
-  cmeta   chunk key -> last-use sequence number + size
-  lru     sequence number + chunk key -> ''   (oldest first: the eviction order)
-  meta    bookkeeping (total cached bytes, next sequence number)
+  chunks  chunk key -> the chunk's bytes, as fetched and verified
+  sums    chunk key -> an xxh3-64 digest of every 4 KiB page of the chunk
+  cmeta   chunk key -> segment, last-use sequence number, size, when it entered it
+  lru     segment + sequence number + chunk key -> ''   (oldest first per segment)
+  meta    bookkeeping (layout, total and protected bytes, next sequence number)
   pins    image id -> prefix, size, time      (pinned: never evicted; pinning.py)
 Other modules (the catalog index) open their own named databases in the same env.
 
+Every chunk is verified against the image's sha256 block table once, when it comes
+from the store; the page digests are computed from those verified bytes as the chunk is
+written, and checked on every read of the pages a read touches (mountpoint-s3 protects
+its cache blocks the same way). A 4 KiB read so checks 4 KiB at ~12 GB/s instead of
+hashing a 256 KiB block with sha256. Any mismatch, a torn value or a missing digest
+makes the entry a miss that is dropped and refetched, never data.
+
+Eviction is a segmented LRU (2Q-like), so one pass of a backup tool does not flush what
+hypervisors boot from: a chunk enters *probation*; read again at least `REUSE_GAP`
+after it came in, it is *protected*. Eviction takes probation's oldest first; protected
+chunks past `PROTECTED_SHARE` of the cap fall back to probation's young end. Re-reads
+inside the gap (the many FUSE reads of one chunk in one pass) do not count as reuse.
+
 Every method blocks; the daemon calls them from worker threads, writes under a
-capacity limiter of one. A damaged entry is a miss, never an error: the header catches
-truncation, and the reader checks every block it takes against the image's sha256
-block table, so there is no checksum of the whole value (a 4 KiB read would pay for it).
+capacity limiter of one.
 """
 
 from __future__ import annotations
@@ -22,22 +34,36 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import lmdb
+import xxhash
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"IFC2"
-_HEADER = struct.Struct(">4sI")
+LAYOUT = b"3"  # of the cache's values; an older one is dropped at open (data is refetched)
+PAGE = 4096  # what one digest of the cache's own checksums covers
+_DIGEST = 8  # bytes of an xxh3-64 digest
 _SEQ = struct.Struct(">Q")
-_CMETA = struct.Struct(">QQ")
+_CMETA = struct.Struct(">BQQQ")  # segment, sequence number, size, since (µs since 1970)
+PROBATION, PROTECTED = 0, 1
+PROTECTED_SHARE = 0.8  # of the room pins leave: at most this much is protected
+REUSE_GAP = 10.0  # seconds between a chunk's arrival and a read that counts as its reuse
 LOW_WATER = 0.9  # evict down to this fraction of the room (of the cap less pins)
 PINS_DB = b"pins"  # dropped with the catalog when the cache dir changes store (catalog_index)
 _PIN = struct.Struct(">24sQQ")  # image prefix, image size, when pinned (µs since 1970)
 PREFIX = 24  # bytes of a chunk key that name the image's data: uuid + sha512 prefix
 _CATALOG_ALLOWANCE = 2 << 30
+
+
+def page_digests(data: bytes | memoryview, first: int = 0, last: int | None = None) -> bytes:
+    """The xxh3-64 digests of pages [first, last) of `data`, concatenated."""
+    view = memoryview(data)
+    stop = len(view) if last is None else min(last * PAGE, len(view))
+    return b"".join([xxhash.xxh3_64_digest(view[at:at + PAGE])
+                     for at in range(first * PAGE, stop, PAGE)])
 
 
 def open_environment(path: Path, cache_size: int) -> lmdb.Environment:
@@ -82,62 +108,110 @@ class Pin(NamedTuple):
     since_us: int
 
 
+class _Entry(NamedTuple):
+    segment: int
+    seq: int
+    size: int
+    since_us: int
+
+    def lru_key(self, key: bytes) -> bytes:
+        return bytes([self.segment]) + _SEQ.pack(self.seq) + key
+
+
 class ChunkCache:
-    def __init__(self, env: lmdb.Environment, cap: int) -> None:
+    def __init__(self, env: lmdb.Environment, cap: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.env = env
         self.cap = cap
+        self.clock = clock  # wall time: a chunk's arrival outlives the daemon
         self._chunks = env.open_db(b"chunks")
+        self._sums = env.open_db(b"sums")
         self._cmeta = env.open_db(b"cmeta")
         self._lru = env.open_db(b"lru")
         self._meta = env.open_db(b"meta")
         self._pins = env.open_db(PINS_DB)
-        self._touched: set[bytes] = set()
+        self._touched: dict[bytes, float] = {}  # chunk key -> when it was last read
         self._touched_lock = threading.Lock()
         self.evicted_bytes = 0
         self._full = False  # of pinned chunks, and said so: once, not once a chunk
-        self.evictions = 0  # chunks evicted to stay under the cap
+        self.evictions = {"probation": 0, "protected": 0}  # chunks evicted, by segment
+        self.damaged = 0  # entries that failed their page digests (dropped, refetched)
+        self._adopt_layout()
+
+    def _adopt_layout(self) -> None:
+        """Drop the chunks of an older value layout: they are refetched, nothing is lost."""
+        with self.env.begin(write=True) as txn:
+            if txn.get(b"layout", db=self._meta) == LAYOUT:
+                return
+            stale = txn.stat(self._chunks)["entries"]
+            for db in (self._chunks, self._sums, self._cmeta, self._lru, self._meta):
+                txn.drop(db, delete=False)
+            txn.put(b"layout", LAYOUT, db=self._meta)
+        if stale:
+            log.info("the cache holds %d chunks of an older layout; they were dropped and "
+                     "will be fetched again", stale)
 
     # -- reads --------------------------------------------------------------------------
 
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
         """`length` bytes at `start` of a cached chunk, or None (a miss).
 
-        Copies only the range out of the memory map. A damaged header is reported,
-        dropped, and a miss.
+        Copies only the range out of the memory map, and checks only the pages it
+        touches. A damaged entry is reported, dropped, and a miss.
         """
         return self._read(key, start, length)
 
     def get(self, key: bytes) -> bytes | None:
-        """A whole cached chunk, or None."""
+        """A whole cached chunk, every page checked, or None."""
         return self._read(key, 0, None)
 
     def _read(self, key: bytes, start: int, length: int | None) -> bytes | None:
         try:
-            with self.env.begin(db=self._chunks, buffers=True) as txn:
-                raw = txn.get(key)
+            with self.env.begin(buffers=True) as txn:
+                raw = txn.get(key, db=self._chunks)
                 if raw is None:
                     return None
-                if len(raw) >= _HEADER.size:
-                    magic, stored = _HEADER.unpack_from(raw)
-                    end = stored if length is None else start + length
-                    if magic == _MAGIC and stored == len(raw) - _HEADER.size and end <= stored:
-                        data = bytes(raw[_HEADER.size + start:_HEADER.size + end])
-                        with self._touched_lock:
-                            self._touched.add(key)
-                        return data
-            log.error("cache entry %s is damaged; it will be refetched", key.hex())
+                sums = txn.get(key, db=self._sums)
+                end = len(raw) if length is None else start + length
+                first, last = start // PAGE, -(-end // PAGE)
+                if sums is not None and len(sums) == -(-len(raw) // PAGE) * _DIGEST \
+                        and end <= len(raw) and page_digests(raw, first, last) == \
+                        sums[first * _DIGEST:last * _DIGEST]:
+                    data = bytes(raw[start:end])
+                    self.touch(key)
+                    return data
+            log.error("cache entry %s failed its page checksums; it is dropped and will "
+                      "be fetched from the store", key.hex())
+            self.damaged += 1
             self.discard(key)
         except lmdb.Error as exc:  # a damaged page: the store still has the data
             log.error("cache read of %s failed (%s); fetching from the store", key.hex(), exc)
         return None
 
+    def touch(self, key: bytes) -> None:
+        """Note a read of a chunk (the reader's memory hits count too); flush_touches
+        writes them down."""
+        now = self.clock()
+        with self._touched_lock:
+            self._touched[key] = now
+
     def total_bytes(self) -> int:
         with self.env.begin(db=self._meta) as txn:
             return self._read_counter(txn, b"total")
 
+    def protected_bytes(self) -> int:
+        with self.env.begin(db=self._meta) as txn:
+            return self._read_counter(txn, b"protected")
+
     def entry_count(self) -> int:
         with self.env.begin() as txn:
             return txn.stat(self._chunks)["entries"]
+
+    def segment_of(self, key: bytes) -> int | None:
+        """PROBATION, PROTECTED, or None when the chunk is not cached."""
+        with self.env.begin(db=self._cmeta) as txn:
+            entry = self._entry(txn, key)
+        return None if entry is None else entry.segment
 
     def chunks(self, prefix: bytes) -> dict[bytes, int]:
         """The cached chunks whose keys start with `prefix` (one image's), and their sizes."""
@@ -148,7 +222,7 @@ class ChunkCache:
                 for key, meta in cursor:
                     if not key.startswith(prefix):
                         break
-                    found[bytes(key)] = _CMETA.unpack(meta)[1]
+                    found[bytes(key)] = _Entry(*_CMETA.unpack(meta)).size
         return found
 
     def usage(self) -> dict[bytes, int]:
@@ -157,28 +231,55 @@ class ChunkCache:
         with self.env.begin(db=self._cmeta) as txn:
             for key, meta in txn.cursor():
                 prefix = bytes(key[:PREFIX])
-                used[prefix] = used.get(prefix, 0) + _CMETA.unpack(meta)[1]
+                used[prefix] = used.get(prefix, 0) + _Entry(*_CMETA.unpack(meta)).size
         return used
+
+    def audit(self) -> list[str]:
+        """What is inconsistent in the bookkeeping (empty when all is well): for tests
+        and `imagefs doctor`, never on the read path."""
+        problems = []
+        with self.env.begin() as txn:
+            entries = {bytes(k): _Entry(*_CMETA.unpack(v))
+                       for k, v in txn.cursor(db=self._cmeta)}
+            sizes = {bytes(k): len(v) for k, v in txn.cursor(db=self._chunks)}
+            sums = {bytes(k): len(v) for k, v in txn.cursor(db=self._sums)}
+            lru = {bytes(k) for k in txn.cursor(db=self._lru).iternext(values=False)}
+            total = self._read_counter(txn, b"total")
+            protected = self._read_counter(txn, b"protected")
+        if set(sizes) != set(entries) or set(sums) != set(entries):
+            problems.append("chunks, digests and bookkeeping hold different keys")
+        if lru != {entry.lru_key(key) for key, entry in entries.items()}:
+            problems.append("the eviction order does not match the chunks")
+        for key, entry in entries.items():
+            if sizes.get(key) != entry.size or sums.get(key) != -(-entry.size // PAGE) * _DIGEST:
+                problems.append(f"chunk {key.hex()} does not match its recorded size")
+        if total != sum(e.size for e in entries.values()):
+            problems.append(f"total {total} is not the sum of the chunks")
+        if protected != sum(e.size for e in entries.values() if e.segment == PROTECTED):
+            problems.append(f"protected total {protected} is not the sum of its chunks")
+        if total > self.cap:
+            problems.append(f"total {total} is over the cap {self.cap}")
+        return problems
 
     # -- writes -------------------------------------------------------------------------
 
     def put(self, key: bytes, data: bytes) -> None:
-        """Cache one chunk, evicting the least recently used ones to stay under the cap."""
+        """Cache one verified chunk on probation, evicting to stay under the cap."""
         if len(data) > self.cap:
             return
-        value = _HEADER.pack(_MAGIC, len(data)) + data
+        sums = page_digests(data)
         try:
-            self._put(key, value, len(data))
+            self._put(key, data, sums)
         except lmdb.MapFullError:
             log.warning("cache file is full; evicting harder")
             with self.env.begin(write=True) as txn:
                 evicted = self._evict(txn, self.cap // 2)
             self.evicted_bytes += evicted
-            self._put(key, value, len(data))
+            self._put(key, data, sums)
 
-    def _put(self, key: bytes, value: bytes, size: int) -> None:
+    def _put(self, key: bytes, data: bytes, sums: bytes) -> None:
         try:
-            evicted = self._insert(key, value, size)
+            evicted = self._insert(key, data, sums)
         except _NoRoom:
             if not self._full:
                 log.warning("the cache is full of pinned chunks (cap %d bytes): other chunks "
@@ -188,23 +289,15 @@ class ChunkCache:
         self._full = False
         self.evicted_bytes += evicted
 
-    def _insert(self, key: bytes, value: bytes, size: int) -> int:
-        """One write: the chunk in, LRU chunks out past the cap; the bytes evicted."""
+    def _insert(self, key: bytes, data: bytes, sums: bytes) -> int:
+        """One write: the chunk in, old chunks out past the cap; the bytes evicted."""
         evicted = 0
         with self.env.begin(write=True) as txn:
-            total = self._read_counter(txn, b"total")
-            old = txn.get(key, db=self._cmeta)
-            if old is not None:
-                old_seq, old_size = _CMETA.unpack(old)
-                txn.delete(_SEQ.pack(old_seq) + key, db=self._lru)
-                total -= old_size
-            seq = self._next_seq(txn)
-            txn.put(key, value, db=self._chunks)
-            txn.put(key, _CMETA.pack(seq, size), db=self._cmeta)
-            txn.put(_SEQ.pack(seq) + key, b"", db=self._lru)
-            total += size
-            txn.put(b"total", _SEQ.pack(total), db=self._meta)
-            if total > self.cap:
+            self._unlink(txn, key)
+            txn.put(key, data, db=self._chunks)
+            txn.put(key, sums, db=self._sums)
+            self._link(txn, key, PROBATION, len(data), self._now_us())
+            if self._read_counter(txn, b"total") > self.cap:
                 evicted = self._evict(txn, self._low_water(txn))
                 if self._read_counter(txn, b"total") > self.cap:
                     raise _NoRoom  # aborts the transaction: nothing changed
@@ -213,53 +306,88 @@ class ChunkCache:
     def _low_water(self, txn: lmdb.Transaction) -> int:
         """What eviction goes down to: a tenth of the room pins leave is freed at a time
         (without pins, 90 % of the cap), so eviction runs in batches."""
+        return self.cap - int(self._room(txn) * (1 - LOW_WATER))
+
+    def _room(self, txn: lmdb.Transaction) -> int:
         pinned = sum(pin.size for pin in self._pinned(txn).values())
-        return self.cap - int(max(self.cap - pinned, 0) * (1 - LOW_WATER))
+        return max(self.cap - pinned, 0)
 
     def discard(self, key: bytes) -> None:
         with self.env.begin(write=True) as txn:
             self._remove(txn, key)
 
     def flush_touches(self) -> None:
-        """Move recently read chunks to the young end of the LRU order, in one write.
+        """Write down recent reads, in one write: a protected chunk moves to the young
+        end; one on probation read `REUSE_GAP` after it came in is protected.
 
         Reads only note the key; doing the write per read would serialise all readers
         behind LMDB's single writer.
         """
         with self._touched_lock:
-            touched, self._touched = self._touched, set()
+            touched, self._touched = self._touched, {}
         if not touched:
             return
         with self.env.begin(write=True) as txn:
-            for key in touched:
-                old = txn.get(key, db=self._cmeta)
-                if old is None:
+            for key, read_at in touched.items():
+                entry = self._entry(txn, key)
+                if entry is None:
                     continue
-                old_seq, size = _CMETA.unpack(old)
-                seq = self._next_seq(txn)
-                txn.delete(_SEQ.pack(old_seq) + key, db=self._lru)
-                txn.put(_SEQ.pack(seq) + key, b"", db=self._lru)
-                txn.put(key, _CMETA.pack(seq, size), db=self._cmeta)
+                if entry.segment == PROTECTED:
+                    self._unlink(txn, key)
+                    self._link(txn, key, PROTECTED, entry.size, entry.since_us)
+                elif read_at * 1e6 - entry.since_us >= REUSE_GAP * 1e6:
+                    self._unlink(txn, key)
+                    self._link(txn, key, PROTECTED, entry.size, self._now_us())
+            self._demote(txn)
+
+    def _demote(self, txn: lmdb.Transaction) -> None:
+        """Protected chunks past their share go back to probation, the oldest first."""
+        share = int(self._room(txn) * PROTECTED_SHARE)
+        protected = self._read_counter(txn, b"protected")
+        if protected <= share:
+            return
+        demoted = []
+        for lru_key in self._oldest(txn, PROTECTED):
+            if protected <= share:
+                break
+            key = lru_key[1 + _SEQ.size:]
+            entry = self._entry(txn, key)
+            protected -= entry.size if entry else 0
+            demoted.append((key, entry))
+        for key, entry in demoted:
+            self._unlink(txn, key)
+            if entry is not None:
+                self._link(txn, key, PROBATION, entry.size, self._now_us())
 
     def _evict(self, txn: lmdb.Transaction, target: int) -> int:
-        """Remove least recently used chunks, never pinned ones, down to `target` bytes;
-        the bytes removed."""
+        """Remove chunks, never pinned ones, down to `target` bytes: probation's oldest,
+        then protected's oldest; the bytes removed."""
         total = self._read_counter(txn, b"total")
         pinned = {pin.prefix for pin in self._pinned(txn).values()}
-        cursor = txn.cursor(db=self._lru)
         victims = []
-        if cursor.first():
-            for lru_key in cursor.iternext(values=False):
+        for segment, name in ((PROBATION, "probation"), (PROTECTED, "protected")):
+            for lru_key in self._oldest(txn, segment):
                 if total <= target:
                     break
-                key = bytes(lru_key[_SEQ.size:])
+                key = lru_key[1 + _SEQ.size:]
                 if key[:PREFIX] in pinned:
                     continue
-                meta = txn.get(key, db=self._cmeta)
-                total -= _CMETA.unpack(meta)[1] if meta else 0
+                entry = self._entry(txn, key)
+                total -= entry.size if entry else 0
                 victims.append(key)
-        self.evictions += len(victims)
+                self.evictions[name] += 1
         return sum(self._remove(txn, key) for key in victims)
+
+    def _oldest(self, txn: lmdb.Transaction, segment: int) -> list[bytes]:
+        """The eviction-order keys of one segment, oldest first (a list: callers write)."""
+        cursor = txn.cursor(db=self._lru)
+        found = []
+        if cursor.set_range(bytes([segment])):
+            for lru_key in cursor.iternext(values=False):
+                if lru_key[0] != segment:
+                    break
+                found.append(bytes(lru_key))
+        return found
 
     def discard_all(self, keys: list[bytes]) -> int:
         """Drop chunks now (`imagefs cache drop`); the bytes freed."""
@@ -290,17 +418,46 @@ class ChunkCache:
                 pins[bytes(key).decode(errors="replace")] = Pin(*_PIN.unpack(value))
         return pins
 
-    def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _entry(self, txn: lmdb.Transaction, key: bytes) -> _Entry | None:
         meta = txn.get(key, db=self._cmeta)
-        txn.delete(key, db=self._chunks)
-        if meta is None:
-            return 0
-        seq, size = _CMETA.unpack(meta)
+        return None if meta is None or len(meta) != _CMETA.size else _Entry(*_CMETA.unpack(meta))
+
+    def _link(self, txn: lmdb.Transaction, key: bytes, segment: int, size: int,
+              since_us: int) -> None:
+        """Record a chunk at the young end of `segment`, and count its bytes."""
+        entry = _Entry(segment, self._next_seq(txn), size, since_us)
+        txn.put(key, _CMETA.pack(*entry), db=self._cmeta)
+        txn.put(entry.lru_key(key), b"", db=self._lru)
+        self._add(txn, b"total", size)
+        if segment == PROTECTED:
+            self._add(txn, b"protected", size)
+
+    def _unlink(self, txn: lmdb.Transaction, key: bytes) -> _Entry | None:
+        """Forget a chunk's place and bytes (not its data); what it was, if anything."""
+        entry = self._entry(txn, key)
+        if entry is None:
+            return None
         txn.delete(key, db=self._cmeta)
-        txn.delete(_SEQ.pack(seq) + key, db=self._lru)
-        total = self._read_counter(txn, b"total") - size
-        txn.put(b"total", _SEQ.pack(max(total, 0)), db=self._meta)
-        return size
+        txn.delete(entry.lru_key(key), db=self._lru)
+        self._add(txn, b"total", -entry.size)
+        if entry.segment == PROTECTED:
+            self._add(txn, b"protected", -entry.size)
+        return entry
+
+    def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
+        txn.delete(key, db=self._chunks)
+        txn.delete(key, db=self._sums)
+        entry = self._unlink(txn, key)
+        return 0 if entry is None else entry.size
+
+    def _add(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        value = max(self._read_counter(txn, name) + delta, 0)
+        txn.put(name, _SEQ.pack(value), db=self._meta)
+
+    def _now_us(self) -> int:
+        return int(self.clock() * 1e6)
 
     def _next_seq(self, txn: lmdb.Transaction) -> int:
         seq = self._read_counter(txn, b"seq") + 1

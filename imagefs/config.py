@@ -62,11 +62,14 @@ class Settings:
     cache_dir: Path | None = None
     cache_size: int = 10 << 30
     chunk_size: int = 4 << 20
-    # A random 4 KiB read hashes one block: small blocks keep it cheap (a 10 GiB image
-    # then has a 1.3 MB block table).
+    # The unit of the sha256 check of fetched data (a 10 GiB image has a 1.3 MB block
+    # table); cached data is checked by the cache's 4 KiB page checksums instead.
     block_size: int = 256 << 10
     memory_cache: int = 256 << 20
     prefetch_max: int = 64 << 20
+    # The kernel's readahead for the mount (its bdi's read_ahead_kb; 0: the kernel's
+    # 128 KiB). Larger means fewer, larger FUSE reads from sequential readers.
+    read_ahead: int = 1 << 20
     refresh_interval: float = 10.0
     # Refreshes read the change log; this often they list every manifest as well, to
     # catch changes the log missed (a writer that died between manifest and log entry).
@@ -108,7 +111,7 @@ class Settings:
 
 
 _SIZE_KEYS = {"cache_size", "chunk_size", "block_size", "memory_cache", "prefetch_max",
-              "spool_size"}
+              "read_ahead", "spool_size"}
 
 
 def _names(value: Any, where: str) -> list[str]:

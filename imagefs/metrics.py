@@ -36,6 +36,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
                       "-> lmdb -> store), by tier", ("tier", "memory")),
     "lmdb_misses": ("cache_misses", "Cache lookups that went to the next tier (memory "
                     "-> lmdb -> store), by tier", ("tier", "lmdb")),
+    "reads": ("reads", "Image read requests answered (the kernel's, after its page "
+              "cache)", None),
     "read_bytes": ("read_bytes", "Bytes of images returned to readers (what the kernel's "
                    "page cache answered never reaches the daemon)", None),
     "store_requests": ("store_fetches", "Chunk fetches from the store (ranged GETs)", None),
@@ -43,10 +45,12 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "corrupt_chunks": ("corrupt_chunks", "Chunks from the store that failed their hashes",
                        None),
     "damaged_cache_entries": ("cache_damaged_entries", "Cached chunks that failed their "
-                              "hashes (dropped and refetched)", None),
+                              "page checksums (dropped and refetched)", None),
     "read_timeouts": ("read_timeouts", "Reads answered EIO after read_timeout", None),
-    "evictions": ("cache_evictions", "Chunks evicted from the cache to stay under its cap",
-                  None),
+    "evictions_probation": ("cache_evictions", "Chunks evicted from the cache to stay "
+                            "under its cap, by segment", ("segment", "probation")),
+    "evictions_protected": ("cache_evictions", "Chunks evicted from the cache to stay "
+                            "under its cap, by segment", ("segment", "protected")),
     "evicted_bytes": ("cache_evicted_bytes", "Bytes evicted from the cache", None),
     "store_timeouts": ("store_timeouts", "Store calls abandoned at their deadline", None),
     "abandoned_threads": ("abandoned_threads", "Threads ever abandoned in a stuck store "
@@ -56,6 +60,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
 GAUGES: dict[str, tuple[str, str]] = {
     "cache_bytes": ("cache_bytes", "Bytes of chunks in the cache"),
     "cache_cap": ("cache_cap_bytes", "The cache's size cap (cache_size)"),
+    "cache_protected_bytes": ("cache_protected_bytes", "Bytes of chunks read again after "
+                              "they came in (evicted last)"),
     "catalog_generation": ("catalog_generation", "Changes applied to the catalog in memory"),
     "stuck_threads": ("stuck_threads", "Abandoned store calls that have not returned yet"),
 }

@@ -41,6 +41,7 @@ from imagefs.kernel_cache import KernelCache
 from imagefs.metadata import Metadata
 from imagefs.metrics import MetricsServer
 from imagefs.daemonize import failed, report_ready, spawn_daemon
+from imagefs.mountinfo import set_read_ahead
 from imagefs.mountpoint import check_mountpoint
 from imagefs.namespace import Namespace
 from imagefs.pinning import CacheControl
@@ -120,6 +121,7 @@ class Daemon:
         self.recent = RecentErrors()
         self.metrics: MetricsServer | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the loop's, once it runs
+        self._resolved = str(mountpoint)  # its real path, taken in run() before mounting
 
     def _lock(self, directory: Path, purpose: str) -> None:
         lock = DirLock(directory, purpose)
@@ -225,7 +227,9 @@ class Daemon:
         calls = (self.reader.store_calls, self.gestures.store_calls, self.catalog_calls)
         return {**self.reader.stats.as_dict(), "cache_bytes": self.cache.total_bytes(),
                 "cache_cap": self.cache.cap, "evicted_bytes": self.cache.evicted_bytes,
-                "evictions": self.cache.evictions,
+                "cache_protected_bytes": self.cache.protected_bytes(),
+                "damaged_cache_entries": self.cache.damaged,
+                **{f"evictions_{segment}": n for segment, n in self.cache.evictions.items()},
                 "images": len(self.catalog.snapshot.images),
                 "catalog_generation": self.catalog.snapshot.generation,
                 "store_timeouts": sum(c.timeouts for c in calls),
@@ -297,6 +301,7 @@ class Daemon:
             options.add("allow_other")
         if self.settings.read_only:
             options.add("ro")
+        self._resolved = os.path.realpath(self.mountpoint)  # before it is ours to serve
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:
@@ -344,11 +349,23 @@ class Daemon:
                                KernelCache(lambda: self.catalog.snapshot,
                                            self.namespace.kernel_cached).run)
             nursery.start_soon(self._signal_loop)
+            if self.settings.read_ahead:
+                nursery.start_soon(self._tune_read_ahead)
             await pyfuse3.main()
             notify("STOPPING=1", f"STATUS=unmounting {self.mountpoint}")
             with trio.move_on_after(_DRAIN_TIMEOUT):
                 await self.reader.drain()
             nursery.cancel_scope.cancel()
+
+    async def _tune_read_ahead(self) -> None:
+        """Widen the kernel's readahead once the mount is up: the kernel sets it when the
+        daemon answers FUSE's INIT, which a stat of the mount waits for."""
+        await trio.to_thread.run_sync(os.stat, self._resolved, abandon_on_cancel=True)
+        if set_read_ahead(self._resolved, self.settings.read_ahead):
+            log.info("readahead of %s: %d KiB", self.mountpoint, self.settings.read_ahead >> 10)
+        else:
+            log.info("could not set the readahead of %s (not root?): the kernel's default "
+                     "stays", self.mountpoint)
 
     async def _refresh(self) -> None:
         with self.refreshes.track():

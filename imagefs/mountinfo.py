@@ -23,6 +23,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    device: str = ""  # "major:minor": also the name of the mount's bdi in /sys/class/bdi
 
 
 def mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
@@ -34,7 +35,7 @@ def mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
             try:
                 tail = fields.index("-")  # optional fields end at a lone '-'
                 entries.append(MountEntry(_unescape(fields[4]), _unescape(fields[tail + 1]),
-                                          _unescape(fields[tail + 2])))
+                                          _unescape(fields[tail + 2]), fields[2]))
             except (ValueError, IndexError):
                 continue
     return entries
@@ -42,7 +43,10 @@ def mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
 
 def mount_at(path: Path | str) -> MountEntry | None:
     """The topmost mount whose mountpoint is `path`, or None if nothing is mounted there."""
-    target = os.path.realpath(path)
+    return _topmost(os.path.realpath(path))
+
+
+def _topmost(target: str) -> MountEntry | None:
     found = None
     for entry in mounts():
         if entry.mountpoint == target:
@@ -52,3 +56,23 @@ def mount_at(path: Path | str) -> MountEntry | None:
 
 def is_mounted(path: Path | str) -> bool:
     return mount_at(path) is not None
+
+
+def set_read_ahead(resolved: str, size: int, bdi_root: str = "/sys/class/bdi") -> bool:
+    """Set the kernel's readahead window for the mount at `resolved` (its bdi's
+    read_ahead_kb).
+
+    A FUSE mount starts at 128 KiB, so a sequential reader sends 128 KiB requests whatever
+    its read size; a larger window means fewer, larger requests (docs/benchmarks.md).
+    `resolved` is the mountpoint's real path, taken before mounting: a daemon that does
+    not serve its mount yet must not look it up (stat, realpath) itself. False when it
+    could not be set (not root, no sysfs); the kernel's default stays then.
+    """
+    entry = _topmost(resolved)
+    if entry is None or not entry.device:
+        return False
+    try:
+        Path(bdi_root, entry.device, "read_ahead_kb").write_text(f"{size // 1024}\n")
+    except OSError:
+        return False
+    return True

@@ -1,12 +1,13 @@
 """Verified reads of image data: memory -> LMDB chunk cache -> ranged GETs from the store.
 
-The unit of verification is the image's block (its manifest says how big, 256 KiB by
-default): every block is checked against the sha256 recorded at upload before it is
-cached or returned, and a read touches only the blocks it needs — a 4 KiB random read
-served from LMDB hashes one block, not a whole chunk. The unit of fetching and caching is
-the chunk (a multiple of the block). Concurrent misses share one fetch (single-flight);
-sequential readers get a prefetch window that grows while they stay sequential and resets
-on seek. All blocking work runs in worker threads under explicit capacity limiters.
+The unit of fetching and caching is the chunk (4 MiB by default). A chunk from the store
+is checked block by block (the manifest's block size, 256 KiB by default) against the
+sha256 recorded at upload before it is kept or returned; the LMDB cache then protects
+its copy with its own page checksums (cache.py), so a 4 KiB read served from LMDB copies
+and checks 4 KiB. Chunks fetched or prefetched stay in a memory LRU, and reads of them
+are views, not copies. Concurrent misses share one fetch (single-flight); sequential
+readers get a prefetch window that grows while they stay sequential and resets on seek.
+All blocking work runs in worker threads under explicit capacity limiters.
 
 Every read answers within `read_timeout`: store calls run in threads that are abandoned
 (and counted) when they outlive it, and the read then answers StoreUnavailable (EIO).
@@ -47,8 +48,9 @@ _STORE_SHARE = 0.9  # of read_timeout: a stalled fetch gives up just before the 
 @dataclass
 class ReadStats:
     """Counters of the read path. A memory miss looks in LMDB; an LMDB miss (or a
-    damaged entry) fetches the chunk from the store."""
+    damaged entry, which the cache counts) fetches the chunk from the store."""
 
+    reads: int = 0  # requests answered; read_bytes / reads is the kernel's request size
     read_bytes: int = 0  # returned to readers; with store_bytes, the hit ratio by bytes
     store_requests: int = 0
     store_bytes: int = 0
@@ -57,7 +59,6 @@ class ReadStats:
     memory_hits: int = 0
     memory_misses: int = 0
     corrupt_chunks: int = 0
-    damaged_cache_entries: int = 0
     read_timeouts: int = 0
     # By errno name; EIO (what store trouble answers) is there from the start, at 0.
     read_errors: dict[str, int] = field(default_factory=lambda: {"EIO": 0})
@@ -83,7 +84,7 @@ class _Flight:
 
 
 class _ByteLRU:
-    """A byte-bounded LRU: verified blocks (hot data is not re-hashed), block tables."""
+    """A byte-bounded LRU: verified chunks (hot data is not re-checked), block tables."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -126,9 +127,6 @@ class _Geometry:
     def key(self, chunk: int) -> bytes:
         record = self.manifest.record
         return chunk_key(record.id, record.os_hash_value or "", self.chunk, chunk)
-
-    def chunk_of(self, block: int) -> int:
-        return block // self.blocks_per_chunk
 
     def chunk_length(self, chunk: int) -> int:
         return min(self.chunk, self.size - chunk * self.chunk)
@@ -191,12 +189,11 @@ class ImageReader:
 
     async def cache_chunk(self, geo: _Geometry, chunk: int) -> None:
         """Load one chunk the way a read would, so that it is written to the cache."""
-        table = await self.block_table(geo.manifest)
-        await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
+        await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk)
 
     def forget(self, prefix: bytes) -> None:
-        """Drop an image's verified blocks from memory (its chunks left the cache)."""
-        self._memory.discard_if(lambda key: key[0].startswith(prefix))  # type: ignore[index]
+        """Drop an image's verified chunks from memory (they left the cache)."""
+        self._memory.discard_if(lambda key: key.startswith(prefix))  # type: ignore[attr-defined]
 
     async def write_cache(self, fn: Callable[..., T], *args: object) -> T:
         """A blocking cache write, in the one slot LMDB writes share."""
@@ -205,11 +202,12 @@ class ImageReader:
     # -- the read path ------------------------------------------------------------------
 
     async def read(self, manifest: mf.Manifest, offset: int, size: int,
-                   stream: Stream | None = None) -> bytes:
+                   stream: Stream | None = None) -> bytes | memoryview:
         """Verified bytes, or StoreUnavailable once `read_timeout` has passed."""
         try:
             with trio.move_on_after(self.read_timeout):
                 data = await self._read(manifest, offset, size, stream)
+                self.stats.reads += 1
                 self.stats.read_bytes += len(data)
                 return data
             self.stats.read_timeouts += 1
@@ -223,29 +221,42 @@ class ImageReader:
             raise
 
     async def _read(self, manifest: mf.Manifest, offset: int, size: int,
-                    stream: Stream | None) -> bytes:
+                    stream: Stream | None) -> bytes | memoryview:
         geo = self.geometry(manifest)
         end = min(offset + size, geo.size)
         if offset >= end:
             return b""
         parts = []
-        for block in range(offset // geo.block, (end - 1) // geo.block + 1):
-            data = await self.block(geo, block)
-            base = block * geo.block
-            parts.append(data[max(offset - base, 0):min(end - base, len(data))])
+        at = offset
+        while at < end:
+            chunk = at // geo.chunk
+            base = chunk * geo.chunk
+            stop = min(end, base + geo.chunk_length(chunk))
+            parts.append(await self._chunk_range(geo, chunk, at - base, stop - base))
+            at = stop
         if stream is not None:
             self._after_read(geo, stream, offset, end)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def block(self, geo: _Geometry, block: int) -> bytes:
-        """One verified block: memory, else LMDB, else its chunk from the store."""
-        key = (geo.key(geo.chunk_of(block)), block)
+    async def _chunk_range(self, geo: _Geometry, chunk: int, start: int,
+                           stop: int) -> bytes | memoryview:
+        """Bytes [start, stop) of one chunk: a view of it in memory, else the range out of
+        LMDB (its pages checked), else the whole chunk from the store."""
+        key = geo.key(chunk)
         data = self._memory.get(key)
         if data is not None:
             self.stats.memory_hits += 1
-            return data
+            self.cache.touch(key)
+            return memoryview(data)[start:stop]
         self.stats.memory_misses += 1
-        return await self._single_flight(key, self._load_block, geo, block)
+        if key not in self._flights:  # a fetch under way is waited for, not raced
+            cached = await trio.to_thread.run_sync(self.cache.get_range, key, start,
+                                                   stop - start, limiter=self._cpu_limiter)
+            if cached is not None:
+                self.stats.lmdb_hits += 1
+                return cached
+        data = await self._single_flight(key, self._load_chunk, geo, chunk)
+        return memoryview(data)[start:stop]
 
     async def _single_flight(self, key: object, load, *args) -> bytes:  # type: ignore[no-untyped-def]
         """Run `load(*args)` once for concurrent callers asking for the same `key`."""
@@ -266,60 +277,16 @@ class ImageReader:
             del self._flights[key]
             flight.done.set()
 
-    async def _load_block(self, geo: _Geometry, block: int) -> bytes:
-        table = await self.block_table(geo.manifest)
-        chunk = geo.chunk_of(block)
-        start, length = geo.block_range(block)
-        cached, ok = await trio.to_thread.run_sync(self._cached_block, geo.key(chunk), start,
-                                                   length, table, block,
-                                                   limiter=self._cpu_limiter)
-        if cached is not None and ok:
+    async def _load_chunk(self, geo: _Geometry, chunk: int) -> bytes:
+        """A whole verified chunk, kept in memory: LMDB in one hop, else the store."""
+        key = geo.key(chunk)
+        cached = await trio.to_thread.run_sync(self.cache.get, key, limiter=self._cpu_limiter)
+        if cached is not None:
             self.stats.lmdb_hits += 1
-            self._memory.put((geo.key(chunk), block), cached)
-            return cached
-        # Its chunk may have come in (a prefetch) while LMDB was looked at: no second fetch.
-        fetched = self._memory.get((geo.key(chunk), block))
-        if fetched is not None:
-            return fetched
-        # A miss, or a damaged block: the chunk path reports, drops and refetches it.
-        blocks = await self._single_flight(geo.key(chunk), self._load_chunk, geo, chunk, table)
-        return blocks[start:start + length]
-
-    async def _load_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
-        """A whole verified chunk, its blocks put in memory: LMDB in one hop, else the store."""
-        cached, bad = await trio.to_thread.run_sync(self._cached_chunk, geo, chunk, table,
-                                                    limiter=self._cpu_limiter)
-        if cached is not None and bad is None:
-            self.stats.lmdb_hits += 1
-            self._remember(geo, chunk, cached)
+            self._memory.put(key, cached)
             return cached
         self.stats.lmdb_misses += 1
-        if cached is not None:
-            self.stats.damaged_cache_entries += 1
-            log.error("cached block %d of image %s failed verification; refetching",
-                      bad, geo.manifest.record.id)
-            await trio.to_thread.run_sync(self.cache.discard, geo.key(chunk),
-                                          limiter=self._lmdb_write_limiter)
-        return await self._fetch_chunk(geo, chunk, table)
-
-    def _cached_chunk(self, geo: _Geometry, chunk: int,
-                      table: bytes) -> tuple[bytes | None, int | None]:
-        """Blocking: a whole chunk from LMDB and its first bad block, if any."""
-        data = self.cache.get(geo.key(chunk))
-        if data is None:
-            return None, None
-        return data, self._first_bad_block(geo, chunk, table, data)
-
-    def _remember(self, geo: _Geometry, chunk: int, data: bytes) -> None:
-        for block in geo.blocks_of(chunk):
-            start, length = geo.block_range(block)
-            self._memory.put((geo.key(chunk), block), data[start:start + length])
-
-    def _cached_block(self, key: bytes, start: int, length: int, table: bytes,
-                      block: int) -> tuple[bytes | None, bool]:
-        """Blocking, one thread hop: a block from LMDB and whether it passes its hash."""
-        data = self.cache.get_range(key, start, length)
-        return data, data is not None and _block_ok(table, block, data)
+        return await self._fetch_chunk(geo, chunk, await self.block_table(geo.manifest))
 
     async def _fetch_chunk(self, geo: _Geometry, chunk: int, table: bytes) -> bytes:
         """A whole chunk from the store, verified block by block, then cached.
@@ -340,7 +307,7 @@ class ImageReader:
             self._failures[key] = (now, exc)
             raise
         self._failures.pop(key, None)
-        self._remember(geo, chunk, data)
+        self._memory.put(key, data)
         self._pending_writes += 1
         if self._pending_writes <= _MAX_PENDING_WRITES and self._nursery is not None:
             self._nursery.start_soon(self._write_back, key, data)
@@ -443,13 +410,11 @@ class ImageReader:
 
     async def _prefetch(self, geo: _Geometry, chunk: int) -> None:
         key = geo.key(chunk)
-        blocks = geo.blocks_of(chunk)
-        if key in self._flights or all((key, b) in self._memory for b in blocks):
+        if key in self._flights or key in self._memory:
             return
         async with self._prefetch_slots:
             try:
-                table = await self.block_table(geo.manifest)
-                await self._single_flight(key, self._load_chunk, geo, chunk, table)
+                await self._single_flight(key, self._load_chunk, geo, chunk)
             except ImagefsError as exc:
                 log.debug("prefetch of chunk %d of %s failed: %s", chunk,
                           geo.manifest.record.id, exc)

@@ -325,6 +325,9 @@ def test_a_damaged_cache_is_refetched_or_rebuilt(file_store, mount, tmp_path):
         blocks = env.open_db(b"blocks", txn=txn)
         for key, value in list(txn.cursor(db=blocks)):
             txn.put(key, b"\0" * len(value), db=blocks)  # a block table gone bad
+        chunks = env.open_db(b"chunks", txn=txn)
+        for key, value in list(txn.cursor(db=chunks)):  # and its chunks: a refetch needs it
+            txn.put(key, bytes([value[0] ^ 1]) + bytes(value[1:]), db=chunks)
         catalog = env.open_db(b"catalog", txn=txn)
         txn.put(b"not-a-row", b"\xc1garbage", db=catalog)  # a row that does not decode
     env.close()
