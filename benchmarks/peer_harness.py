@@ -16,12 +16,16 @@ Everything it starts is stopped on exit, also on Ctrl-C.
         --harness /work/shared/bench/run.py --out /tmp/peers.json [-- run.py options]
 
 Options after `--` go to run.py unchanged (e.g. --quick, --systems, --fio-runtime).
+Then, unless --no-warm, the warm-cache scenarios of benchmarks/warm_cache.py against the
+same server (OUT-warm.json, OUT-warm.md): the harness empties every cache before each
+mount, so its fio rows are first-touch reads for every system.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -33,6 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import warm_cache  # noqa: E402
 
 DEFAULT_SYSTEMS = "local,s3fs-cache,s3fs-nocache,rclone160-full"
 MOUNT_CMD = ("exec env AWS_ENDPOINT_URL={endpoint} AWS_ACCESS_KEY_ID={access_key} "
@@ -71,6 +78,9 @@ def main() -> int:
     p.add_argument("--imagefs-config", help="TOML config for the imagefs mount "
                                             "(e.g. another chunk_size)")
     p.add_argument("--system-name", default="imagefs", help="name of the imagefs column")
+    p.add_argument("--no-warm", action="store_true",
+                   help="skip the warm-cache scenarios (benchmarks/warm_cache.py) after "
+                        "the harness")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("run as root (the harness drops caches and mounts)")
@@ -133,6 +143,15 @@ def main() -> int:
                 proc.send_signal(signal.SIGINT)
                 rc = proc.wait()
                 raise
+            if not a.no_warm:
+                log("imagefs with a warm cache (benchmarks/warm_cache.py)")
+                warm = warm_cache.run(imagefs, store, image_id, hargs.size, work, env,
+                                      hargs.fio_runtime or 15, a.imagefs_config)
+                out = Path(a.out)
+                out.with_name(out.stem + "-warm.json").write_text(json.dumps(warm, indent=1))
+                table = warm_cache.markdown(warm, a.system_name)
+                out.with_name(out.stem + "-warm.md").write_text(table)
+                print(table)
     except KeyboardInterrupt:
         log("interrupted")
         rc = 130

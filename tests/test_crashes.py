@@ -618,9 +618,9 @@ class Harness:
         env = open_environment(self.cache, self.cap)
         try:
             assert ChunkCache(env, self.cap).audit() == []
+            catalog = env.open_db(b"catalog")
             with env.begin() as txn:
-                rows = [bytes(v) for v in
-                        txn.cursor(db=env.open_db(b"catalog")).iternext(keys=False)]
+                rows = [bytes(v) for v in txn.cursor(db=catalog).iternext(keys=False)]
         finally:
             env.close()
         for row in rows:  # the catalog index: [etag, manifest]
