@@ -47,6 +47,7 @@ LAYOUT = b"3"  # of the cache's values; an older one is dropped at open (data is
 PAGE = 4096  # what one digest of the cache's own checksums covers
 _DIGEST = 8  # bytes of an xxh3-64 digest
 _SEQ = struct.Struct(">Q")
+_CHUNK_NO = struct.Struct(">IQ")  # chunk size, chunk number: the end of a chunk key
 _CMETA = struct.Struct(">BQQQ")  # segment, sequence number, size, since (µs since 1970)
 PROBATION, PROTECTED = 0, 1
 PROTECTED_SHARE = 0.8  # of the room pins leave: at most this much is protected
@@ -95,7 +96,12 @@ def image_prefix(image_id: str, os_hash_value: str) -> bytes:
 
 def chunk_key(image_id: str, os_hash_value: str, chunk_size: int, index: int) -> bytes:
     """Identity and checksum of the image, the chunk geometry, and the chunk number."""
-    return image_prefix(image_id, os_hash_value) + struct.pack(">IQ", chunk_size, index)
+    return image_prefix(image_id, os_hash_value) + chunk_suffix(chunk_size, index)
+
+
+def chunk_suffix(chunk_size: int, index: int) -> bytes:
+    """What follows the image prefix in a chunk key (readers keep the prefix)."""
+    return _CHUNK_NO.pack(chunk_size, index)
 
 
 class _NoRoom(Exception):

@@ -47,11 +47,12 @@ class OpenImage(OpenFile):
                  on_release: Callable[[], None]) -> None:
         self.reader = reader
         self.manifest = manifest
+        self.geometry = reader.geometry(manifest)
         self.stream = Stream()  # this open's read pattern, for prefetch
         self._on_release = on_release
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.reader.read(self.manifest, offset, size, self.stream)
+        return await self.reader.read(self.geometry, offset, size, self.stream)
 
     async def fsync(self, datasync: bool) -> None:
         """Return once the chunks read so far are in the LMDB cache, not just fetched.
