@@ -145,8 +145,10 @@ def main() -> int:
                 raise
             if not a.no_warm:
                 log("imagefs with a warm cache (benchmarks/warm_cache.py)")
+                runtime = hargs.fio_runtime or 15
                 warm = warm_cache.run(imagefs, store, image_id, hargs.size, work, env,
-                                      hargs.fio_runtime or 15, a.imagefs_config)
+                                      runtime, a.imagefs_config)
+                warm.update(warm_cache.ceiling(hargs.size, work, runtime))
                 out = Path(a.out)
                 out.with_name(out.stem + "-warm.json").write_text(json.dumps(warm, indent=1))
                 table = warm_cache.markdown(warm, a.system_name)

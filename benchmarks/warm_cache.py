@@ -9,8 +9,8 @@ LMDB), then, each on a fresh mount of that cache dir after drop_caches,
   seq      one `dd bs=1M` pass (LMDB -> page cache cold)
   fio1/4   fio randread 4 KiB, psync, O_DIRECT, 1 and 4 jobs, over the whole image
 
-with the daemon's CPU (its process group's user+sys) for each, and the stats xattr
-checked to show that no byte came from the store.
+with the daemon's CPU for each, and the stats xattr checked to show that no byte came
+from the store. `ceiling()` runs the same fio on ceiling_fs.py: Python FUSE's own limit.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,6 +120,28 @@ def run(imagefs: str, store: str, image_id: str, size: int, work: Path, env: dic
     return results
 
 
+def ceiling(size: int, work: Path, fio_runtime: int) -> dict[str, float]:
+    """fio on ceiling_fs.py: the most a pyfuse3 filesystem answers on this machine."""
+    mnt = work / "ceiling-mnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ceiling_fs.py")),
+                             str(mnt), "--size", str(size)])
+    results: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ceiling_fs.py did not mount")
+            time.sleep(0.05)
+        for jobs in (1, 4):
+            for name, value in _fio(mnt / "file", jobs, size, fio_runtime).items():
+                results[f"ceiling_fio{jobs}_{name}"] = value
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, stderr=subprocess.DEVNULL)
+        proc.wait(timeout=30)
+    return results
+
+
 ROWS = [("seq_MBps", "seq re-read from the warm cache, page cache cold (MB/s)", "{:.0f}"),
         ("seq_cpu_s", "  daemon CPU during it (s)", "{:.2f}"),
         ("seq_store_bytes", "  bytes from the store during it", "{:.0f}"),
@@ -129,7 +152,12 @@ ROWS = [("seq_MBps", "seq re-read from the warm cache, page cache cold (MB/s)", 
         ("fio4_iops", "fio randread 4K O_DIRECT 4 jobs, cache warm: IOPS", "{:.0f}"),
         ("fio4_p99_ms", "  p99 latency (ms)", "{:.3f}"),
         ("fio4_cpu_s", "  daemon CPU during it (s)", "{:.2f}"),
-        ("fio4_store_bytes", "  bytes from the store during fio", "{:.0f}")]
+        ("fio4_store_bytes", "  bytes from the store during fio", "{:.0f}"),
+        ("ceiling_fio1_iops", "limit: in-memory pyfuse3 file (ceiling_fs.py), fio 1 job: IOPS",
+         "{:.0f}"),
+        ("ceiling_fio1_p99_ms", "  p99 latency (ms)", "{:.3f}"),
+        ("ceiling_fio4_iops", "limit: in-memory pyfuse3 file, fio 4 jobs: IOPS", "{:.0f}"),
+        ("ceiling_fio4_p99_ms", "  p99 latency (ms)", "{:.3f}")]
 
 
 def markdown(results: dict[str, float], name: str = "imagefs") -> str:
