@@ -34,7 +34,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -384,16 +384,15 @@ class ChunkCache:
                 self.evictions[name] += 1
         return sum(self._remove(txn, key) for key in victims)
 
-    def _oldest(self, txn: lmdb.Transaction, segment: int) -> list[bytes]:
-        """The eviction-order keys of one segment, oldest first (a list: callers write)."""
+    def _oldest(self, txn: lmdb.Transaction, segment: int) -> Iterator[bytes]:
+        """The eviction-order keys of one segment, oldest first. Callers stop iterating
+        before they change anything."""
         cursor = txn.cursor(db=self._lru)
-        found = []
         if cursor.set_range(bytes([segment])):
             for lru_key in cursor.iternext(values=False):
                 if lru_key[0] != segment:
-                    break
-                found.append(bytes(lru_key))
-        return found
+                    return
+                yield bytes(lru_key)
 
     def discard_all(self, keys: list[bytes]) -> int:
         """Drop chunks now (`imagefs cache drop`); the bytes freed."""
