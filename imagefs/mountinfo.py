@@ -58,7 +58,7 @@ def is_mounted(path: Path | str) -> bool:
     return mount_at(path) is not None
 
 
-def set_read_ahead(resolved: str, size: int, bdi_root: str = "/sys/class/bdi") -> bool:
+def set_read_ahead(resolved: str, size: int) -> bool:
     """Set the kernel's readahead window for the mount at `resolved` (its bdi's
     read_ahead_kb).
 
@@ -72,7 +72,7 @@ def set_read_ahead(resolved: str, size: int, bdi_root: str = "/sys/class/bdi") -
     if entry is None or not entry.device:
         return False
     try:
-        Path(bdi_root, entry.device, "read_ahead_kb").write_text(f"{size // 1024}\n")
+        Path("/sys/class/bdi", entry.device, "read_ahead_kb").write_text(f"{size // 1024}\n")
     except OSError:
         return False
     return True

@@ -217,7 +217,8 @@ class ImageReader:
         if offset >= end:
             return b""
         chunk = offset // geo.chunk
-        if (end - 1) // geo.chunk == chunk:
+        looked = (end - 1) // geo.chunk == chunk
+        if looked:
             base = chunk * geo.chunk
             data = self._cached_range(geo, chunk, offset - base, end - base)
             if data is not None:
@@ -225,7 +226,7 @@ class ImageReader:
         try:
             with trio.move_on_after(self.read_timeout):
                 return self._served(geo, stream, offset, end,
-                                    await self._read(geo, offset, end))
+                                    await self._read(geo, offset, end, looked))
             self.stats.read_timeouts += 1
             log.warning("read of image %s at %d answered EIO: the store did not deliver "
                         "within %gs", geo.manifest.record.id, offset, self.read_timeout)
@@ -244,14 +245,16 @@ class ImageReader:
             self._after_read(geo, stream, offset, end)
         return data
 
-    async def _read(self, geo: _Geometry, offset: int, end: int) -> bytes | memoryview:
+    async def _read(self, geo: _Geometry, offset: int, end: int,
+                    looked: bool) -> bytes | memoryview:
+        """`looked`: read() found the (one) chunk in neither memory nor LMDB already."""
         parts = []
         at = offset
         while at < end:
             chunk = at // geo.chunk
             base = chunk * geo.chunk
             stop = min(end, base + geo.chunk_length(chunk))
-            parts.append(await self._chunk_range(geo, chunk, at - base, stop - base))
+            parts.append(await self._chunk_range(geo, chunk, at - base, stop - base, looked))
             at = stop
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -272,11 +275,11 @@ class ImageReader:
                 return cached
         return None
 
-    async def _chunk_range(self, geo: _Geometry, chunk: int, start: int,
-                           stop: int) -> bytes | memoryview:
+    async def _chunk_range(self, geo: _Geometry, chunk: int, start: int, stop: int,
+                           looked: bool) -> bytes | memoryview:
         """Bytes [start, stop) of one chunk: memory, else the range out of LMDB (its
         pages checked), else the whole chunk from the store."""
-        data = self._cached_range(geo, chunk, start, stop)
+        data = None if looked else self._cached_range(geo, chunk, start, stop)
         if data is not None:
             return data
         self.stats.memory_misses += 1

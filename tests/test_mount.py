@@ -352,3 +352,23 @@ def test_a_damaged_cache_entry_is_refetched_not_returned(file_store, mount, tmp_
     assert stats["damaged_cache_entries"] >= 1 and stats["store_requests"] >= 1
     assert "failed its page checksums" in second.log()
     assert sha512(second / f"by-id/{image_id}") == sha512(src)
+
+
+def test_sequential_readers_send_the_configured_readahead(file_store, mount, tmp_path):
+    """read_ahead = 1M reaches the kernel (it is set after FUSE's INIT, which resets it):
+    a buffered sequential read arrives as 1 MiB requests, not 128 KiB ones."""
+    src = make_file(tmp_path / "ra.raw", 16 * MiB, seed=21)
+    image_id = file_store.create(src, "acme")
+    m = mount(file_store)
+    device = next(line.split()[2] for line in open("/proc/self/mountinfo")
+                  if line.split()[4] == os.path.realpath(m.path))
+    bdi = Path("/sys/class/bdi", device, "read_ahead_kb")
+    deadline = time.monotonic() + 10
+    while bdi.read_text().strip() != "1024" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bdi.read_text().strip() == "1024", m.log()
+    before = m.stats()
+    assert (m / f"by-id/{image_id}").read_bytes() == src.read_bytes()
+    after = m.stats()
+    reads = after["reads"] - before["reads"]
+    assert (after["read_bytes"] - before["read_bytes"]) / reads > 512 << 10, reads
