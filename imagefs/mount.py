@@ -360,7 +360,11 @@ class Daemon:
     async def _tune_read_ahead(self) -> None:
         """Widen the kernel's readahead once the mount is up: the kernel sets it when the
         daemon answers FUSE's INIT, which a stat of the mount waits for."""
-        await trio.to_thread.run_sync(os.stat, self._resolved, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(os.stat, self._resolved, abandon_on_cancel=True)
+        except OSError as exc:  # unmounted meanwhile: nothing to tune, nothing to crash
+            log.info("readahead of %s left as it is: %s", self.mountpoint, exc)
+            return
         if set_read_ahead(self._resolved, self.settings.read_ahead):
             log.info("readahead of %s: %d KiB", self.mountpoint, self.settings.read_ahead >> 10)
         else:
