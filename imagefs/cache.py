@@ -18,8 +18,8 @@ hashing a 256 KiB block with sha256. Any mismatch, a torn value or a missing dig
 makes the entry a miss that is dropped and refetched, never data.
 
 Eviction is a segmented LRU (2Q-like), so one pass of a backup tool does not flush what
-hypervisors boot from: a chunk enters *probation*; read again at least `REUSE_GAP`
-after it came in, it is *protected*. Eviction takes probation's oldest first; protected
+hypervisors boot from: a chunk enters *probation*; read again at least `reuse_gap`
+seconds after it came in, it is *protected*. Eviction takes probation's oldest first; protected
 chunks past `PROTECTED_SHARE` of the cap fall back to probation's young end. Re-reads
 inside the gap (the many FUSE reads of one chunk in one pass) do not count as reuse.
 
@@ -51,7 +51,7 @@ _CHUNK_NO = struct.Struct(">IQ")  # chunk size, chunk number: the end of a chunk
 _CMETA = struct.Struct(">BQQQ")  # segment, sequence number, size, since (µs since 1970)
 PROBATION, PROTECTED = 0, 1
 PROTECTED_SHARE = 0.8  # of the room pins leave: at most this much is protected
-REUSE_GAP = 10.0  # seconds between a chunk's arrival and a read that counts as its reuse
+REUSE_GAP = 10.0  # default seconds between a chunk's arrival and a read that counts as reuse
 LOW_WATER = 0.9  # evict down to this fraction of the room (of the cap less pins)
 PINS_DB = b"pins"  # dropped with the catalog when the cache dir changes store (catalog_index)
 _PIN = struct.Struct(">24sQQ")  # image prefix, image size, when pinned (µs since 1970)
@@ -126,9 +126,10 @@ class _Entry(NamedTuple):
 
 class ChunkCache:
     def __init__(self, env: lmdb.Environment, cap: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, reuse_gap: float = REUSE_GAP) -> None:
         self.env = env
         self.cap = cap
+        self.reuse_gap = reuse_gap
         self.clock = clock  # wall time: a chunk's arrival outlives the daemon
         self._chunks = env.open_db(b"chunks")
         self._sums = env.open_db(b"sums")
@@ -324,7 +325,7 @@ class ChunkCache:
 
     def flush_touches(self) -> None:
         """Write down recent reads, in one write: a protected chunk moves to the young
-        end; one on probation read `REUSE_GAP` after it came in is protected.
+        end; one on probation read `reuse_gap` after it came in is protected.
 
         Reads only note the key; doing the write per read would serialise all readers
         behind LMDB's single writer.
@@ -341,7 +342,7 @@ class ChunkCache:
                 if entry.segment == PROTECTED:
                     self._unlink(txn, key)
                     self._link(txn, key, PROTECTED, entry.size, entry.since_us)
-                elif read_at * 1e6 - entry.since_us >= REUSE_GAP * 1e6:
+                elif read_at * 1e6 - entry.since_us >= self.reuse_gap * 1e6:
                     self._unlink(txn, key)
                     self._link(txn, key, PROTECTED, entry.size, self._now_us())
             self._demote(txn)

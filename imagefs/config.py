@@ -70,6 +70,9 @@ class Settings:
     # The kernel's readahead for the mount (its bdi's read_ahead_kb; 0: the kernel's
     # 128 KiB). Larger means fewer, larger FUSE reads from sequential readers.
     read_ahead: int = 1 << 20
+    # A cached chunk read again this long after it came in is protected from eviction;
+    # re-reads sooner (one pass reading a chunk in pieces) are not reuse (cache.py).
+    cache_reuse_gap: float = 10.0
     refresh_interval: float = 10.0
     # Refreshes read the change log; this often they list every manifest as well, to
     # catch changes the log missed (a writer that died between manifest and log entry).
@@ -222,7 +225,7 @@ def load_settings(explicit_config: str | None = None,
         _apply(settings, data, str(path))
     _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
     for key in ("read_timeout", "gesture_timeout", "refresh_interval",
-                "full_refresh_interval", "settle_time"):
+                "full_refresh_interval", "settle_time", "cache_reuse_gap"):
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidValue(f"{key} must be a positive number of seconds, not {value!r}")

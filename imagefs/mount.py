@@ -150,7 +150,8 @@ class Daemon:
         logging.getLogger().addHandler(self.recent)
         store = open_store(settings.store or "", settings.s3, settings.read_timeout)
         self.env = open_environment(cache_dir, settings.cache_size)
-        self.cache = ChunkCache(self.env, settings.cache_size)
+        self.cache = ChunkCache(self.env, settings.cache_size,
+                                reuse_gap=settings.cache_reuse_gap)
         self.index = CatalogIndex(self.env, store.url)
         self.catalog_store = CatalogStore(store, self.index.store_id)
         self.catalog = Catalog(self.catalog_store, self.index, settings.full_refresh_interval)

@@ -1,5 +1,6 @@
 """Names of the extended attributes imagefs shows, shared by the daemon and the CLI."""
 
+USER_NAMESPACE = "user."  # every xattr shown is in it; ls -l asks for others on every file
 GLANCE_PREFIX = "user.glance."
 STATUS = "user.imagefs.status"          # an inbox file: writing, settling, inspecting...
 IMAGE_ID = "user.imagefs.id"            # an inbox file: the id its image will have

@@ -1008,7 +1008,7 @@ POINTS = [
           Trap("{store}.get_range", "after", nth=3), reading),
     Point("read: inside the LRU rewrite of chunks read again (flush_touches)",
           Trap(f"{C}._next_seq", nth=2, within=f"{C}.flush_touches"), rereading,
-          settings={"memory_cache": "512K"}),
+          settings={"memory_cache": "512K", "cache_reuse_gap": 0.5}),
     # -- eviction -------------------------------------------------------------------------
     Point("evict: over the cap, inside the put transaction, before evicting",
           Trap(f"{C}._evict"), reading, settings=SMALL_CACHE),
